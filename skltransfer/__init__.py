@@ -1,0 +1,34 @@
+"""skltransfer: transfer learning for images as first-class scikit-learn estimators.
+
+>>> from sklearn.pipeline import make_pipeline
+>>> from sklearn.linear_model import LogisticRegression
+>>> from skltransfer import PretrainedFeatures
+>>> clf = make_pipeline(PretrainedFeatures(), LogisticRegression(max_iter=1000))
+"""
+
+from .backbones import (
+    BackboneUnavailableError,
+    WeightsMismatchError,
+    clear_shared_backbones,
+    load_backbone,
+    offline_backbones,
+)
+from .datasets import load_image_folder, stable_train_test_split
+from .decoding import ImageFailure, ImageLoadError
+from .features import PretrainedFeatures
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackboneUnavailableError",
+    "ImageFailure",
+    "ImageLoadError",
+    "PretrainedFeatures",
+    "WeightsMismatchError",
+    "__version__",
+    "clear_shared_backbones",
+    "load_backbone",
+    "load_image_folder",
+    "offline_backbones",
+    "stable_train_test_split",
+]

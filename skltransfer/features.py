@@ -1,0 +1,211 @@
+"""``PretrainedFeatures``: a scikit-learn transformer from images to features.
+
+The estimator is thin: it validates its parameters and calls the stages
+(:mod:`~skltransfer.backbones` for the model, :mod:`~skltransfer.decoding`
+for inputs, :mod:`~skltransfer.inference` for batches on a device).
+"""
+
+from __future__ import annotations
+
+import os
+from numbers import Integral
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, TransformerMixin, _fit_context
+from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils.validation import check_is_fitted
+from torch import nn
+
+from .backbones import TIMM_POOLINGS, Backbone, WeightsMismatchError, shared_backbone
+from .decoding import as_image_items
+from .inference import extract_features, resolve_batch_size, resolve_device
+
+__all__ = ["PretrainedFeatures"]
+
+
+class PretrainedFeatures(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
+    """Image features from a pretrained backbone, as a scikit-learn transformer.
+
+    Each input image becomes one row: the globally pooled last feature map of
+    a pretrained network (timm or torchvision), preprocessed exactly as the
+    network's weights expect. Put a scikit-learn classifier after it in a
+    :class:`~sklearn.pipeline.Pipeline` to get an image classifier.
+
+    The model is built on first use, once per process: clones made by
+    ``GridSearchCV`` or ``clone`` share it. Pickling stores the
+    configuration and a fingerprint of the weights, not the weights.
+
+    Parameters
+    ----------
+    backbone : str or torch.nn.Module, default="tf_efficientnet_lite0"
+        A timm model name, pretrained tag allowed (``"resnet50.a1_in1k"``);
+        ``"torchvision:<name>"`` for a torchvision classification model
+        (``"torchvision:resnet50"``); or a module mapping a normalised image
+        batch to features (4-D outputs are pooled). The default's ImageNet
+        weights ship with the package: it works with no network.
+    weights : "pretrained", None or path, default="pretrained"
+        ``"pretrained"``: the backbone's published weights (packaged for
+        ``tf_efficientnet_lite0/1/2``, downloaded and cached by timm or
+        torchvision otherwise). ``None``: random initialisation with a fixed
+        seed (for tests and experiments). A path: a local ``.pth``, ``.pt`` or
+        ``.safetensors`` state dict with timm or torchvision key names, bare
+        or wrapped as ``{"state_dict": ...}`` / ``{"model": ...}``; its
+        classifier may have any number of classes (it is dropped). Ignored
+        when ``backbone`` is a module.
+    pooling : {"avg", "max", "avgmax", "catavgmax"}, default="avg"
+        Global pooling of the last feature map. ``"catavgmax"`` concatenates
+        average and max (twice the width). torchvision backbones: ``"avg"``.
+    batch_size : int or "auto", default="auto"
+        Images per forward pass. ``"auto"``: 8 on CPU (larger batches are
+        slower there: their activations fall out of the allocator's cache),
+        64 on CUDA.
+    device : str, default="auto"
+        ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"`` or
+        ``"cuda:N"``. Resolved at transform time, so a model fitted on a GPU
+        machine transforms on a CPU-only one.
+    num_workers : int, default=0
+        Processes decoding images in parallel (0: in this process).
+    verbose : bool, default=False
+        Show a progress bar during ``transform``.
+
+    Attributes
+    ----------
+    n_features_out_ : int
+        Width of a feature row.
+    backbone_digest_ : str
+        Fingerprint of the weights seen at ``fit``. ``transform`` refuses to
+        run if the weights behind the same name have changed since.
+    preprocessing_ : Preprocessing
+        Input size, crop, interpolation, mean and std used for every image.
+
+    See Also
+    --------
+    skltransfer.load_image_folder : paths and labels from a class-per-folder tree.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from skltransfer import PretrainedFeatures
+    >>> images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    >>> features = PretrainedFeatures("test_efficientnet", weights=None).fit_transform(images)
+    >>> features.shape, features.dtype
+    ((4, 256), dtype('float32'))
+    """
+
+    _parameter_constraints: dict = {
+        "backbone": [str, nn.Module],
+        "weights": [StrOptions({"pretrained"}), str, os.PathLike, None],
+        "pooling": [StrOptions(set(TIMM_POOLINGS))],
+        "batch_size": [Interval(Integral, 1, None, closed="left"), StrOptions({"auto"})],
+        "device": [str, torch.device],
+        "num_workers": [Interval(Integral, 0, None, closed="left")],
+        "verbose": ["boolean"],
+    }
+
+    def __init__(
+        self,
+        backbone: str | nn.Module = "tf_efficientnet_lite0",
+        weights: str | os.PathLike | None = "pretrained",
+        pooling: str = "avg",
+        batch_size: int | str = "auto",
+        device: str | torch.device = "auto",
+        num_workers: int = 0,
+        verbose: bool = False,
+    ):
+        self.backbone = backbone
+        self.weights = weights
+        self.pooling = pooling
+        self.batch_size = batch_size
+        self.device = device
+        self.num_workers = num_workers
+        self.verbose = verbose
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X, y=None):
+        """Resolve the backbone and record its weights' fingerprint.
+
+        No image is read: the transformer learns nothing from data.
+
+        Parameters
+        ----------
+        X : sequence of images
+            Paths, encoded bytes, PIL images or uint8 arrays (checked for form only).
+        y : ignored
+
+        Returns
+        -------
+        self : PretrainedFeatures
+        """
+        _check_not_empty(as_image_items(X))
+        resolve_device(self.device)  # fail early on an impossible device
+        backbone = shared_backbone(self.backbone, self.weights, self.pooling)
+        self.backbone_digest_ = backbone.weights_digest
+        self.n_features_out_ = backbone.num_features
+        self.preprocessing_ = backbone.preprocessing
+        return self
+
+    def transform(self, X) -> np.ndarray:
+        """One feature row per image.
+
+        Parameters
+        ----------
+        X : list, tuple, ndarray or pandas Series of images
+            Paths (str or PathLike), encoded bytes, PIL images, ``uint8``
+            arrays ``(H, W[, 3|4])``, or one stacked ``uint8`` array
+            ``(N, H, W)`` / ``(N, H, W, 3)``.
+
+        Returns
+        -------
+        ndarray of shape (n_samples, n_features_out_), float32
+
+        Raises
+        ------
+        skltransfer.ImageLoadError
+            Listing every file that is missing, empty, truncated or not an image.
+        WeightsMismatchError
+            If the backbone's weights differ from those seen at ``fit``.
+        """
+        check_is_fitted(self)
+        items = as_image_items(X)
+        _check_not_empty(items)
+        device = resolve_device(self.device)
+        return extract_features(
+            self._backbone(device),
+            items,
+            batch_size=resolve_batch_size(self.batch_size, device),
+            device=device,
+            num_workers=self.num_workers,
+            verbose=self.verbose,
+        )
+
+    def _backbone(self, device: torch.device) -> Backbone:
+        backbone = shared_backbone(self.backbone, self.weights, self.pooling, device)
+        if backbone.weights_digest != self.backbone_digest_:
+            raise WeightsMismatchError(
+                f"The weights of backbone {backbone.name!r} (weights={self.weights!r}) "
+                f"have fingerprint {backbone.weights_digest}, but this estimator was "
+                f"fitted with {self.backbone_digest_}: other weights now sit behind the "
+                "same name, and the features would silently drift. Refit the pipeline, "
+                "or restore the original weights."
+            )
+        return backbone
+
+    @property
+    def _n_features_out(self) -> int:
+        return self.n_features_out_
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.two_d_array = False  # a table of numbers is not images
+        tags.input_tags.one_d_array = True  # a list of paths, bytes, PIL images
+        tags.input_tags.three_d_array = True  # stacked uint8 images (N, H, W[, C])
+        tags.input_tags.string = True
+        tags.transformer_tags.preserves_dtype = []  # always float32
+        tags.requires_fit = True
+        return tags
+
+
+def _check_not_empty(items) -> None:
+    if len(items) == 0:
+        raise ValueError("Found array with 0 sample(s) (shape=(0,)) while a minimum of 1 is required.")

@@ -1,0 +1,166 @@
+"""Batching images and running a backbone on a device.
+
+One job: given a :class:`~skltransfer.backbones.Backbone` and a sequence of
+image items, return their feature rows. Decoding, resizing and cropping run
+per image (in DataLoader workers when ``num_workers > 0``) and yield
+``uint8`` tensors; normalisation runs once per batch on the model's device.
+
+A bad image does not stop the scan: the model stops running, the remaining
+inputs are still decoded so that one :class:`~skltransfer.decoding.ImageLoadError`
+lists every bad file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .backbones import Backbone
+from .decoding import ImageFailure, ImageItem, ImageLoadError, describe_item, try_decode_rgb
+from .preprocessing import Preprocessing
+
+__all__ = ["extract_features", "resolve_batch_size", "resolve_device"]
+
+#: ``batch_size="auto"``: small batches on CPU keep activations inside the
+#: allocator's cached memory (large ones spend much of their time in page
+#: faults with glibc's malloc); large ones on CUDA keep the GPU busy.
+AUTO_BATCH_SIZE = {"cpu": 8, "cuda": 64}
+
+
+def resolve_batch_size(batch_size: int | str, device: torch.device) -> int:
+    """``"auto"`` picks a batch size for the device; an int is returned as is.
+
+    Examples
+    --------
+    >>> resolve_batch_size("auto", torch.device("cpu"))
+    8
+    """
+    if batch_size == "auto":
+        return AUTO_BATCH_SIZE.get(device.type, AUTO_BATCH_SIZE["cpu"])
+    return int(batch_size)
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``"auto"`` is CUDA when available, else CPU; anything else is checked.
+
+    Examples
+    --------
+    >>> resolve_device("cpu")
+    device(type='cpu')
+    """
+    if isinstance(device, torch.device):
+        resolved = device
+    elif device == "auto":
+        resolved = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            resolved = torch.device(device)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} was asked for, but CUDA is not available here")
+    return resolved
+
+
+class _PreprocessedImages(Dataset):
+    """Item ``i`` -> ``(i, uint8 (3, H, W) or None, failure reason or None)``."""
+
+    def __init__(self, items: Sequence[ImageItem], preprocessing: Preprocessing):
+        self.items = items
+        self.preprocessing = preprocessing
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int):
+        pixels, reason = try_decode_rgb(self.items[index])
+        if pixels is None:
+            return index, None, reason
+        return index, self.preprocessing.resize_crop(pixels), None
+
+
+def _collate(samples):
+    indices = [index for index, pixels, _ in samples if pixels is not None]
+    pixels = [pixels for _, pixels, _ in samples if pixels is not None]
+    failures = [(index, reason) for index, pixels, reason in samples if pixels is None]
+    batch = torch.stack(pixels) if pixels else None
+    return indices, batch, failures
+
+
+def extract_features(
+    backbone: Backbone,
+    items: Sequence[ImageItem],
+    *,
+    batch_size: int = 32,
+    device: str | torch.device = "cpu",
+    num_workers: int = 0,
+    verbose: bool = False,
+    on_batch: Callable[[list[int], np.ndarray], None] | None = None,
+) -> np.ndarray:
+    """Compute one feature row per item.
+
+    Parameters
+    ----------
+    backbone : Backbone
+        The model (already on ``device``) and its preprocessing.
+    items : sequence of image items
+        Paths, bytes, PIL images or uint8 arrays (see :mod:`skltransfer.decoding`).
+    batch_size : int
+        Images per forward pass.
+    device : str or torch.device
+        Where the model runs.
+    num_workers : int
+        DataLoader worker processes for decoding (0: decode in this process).
+    verbose : bool
+        Show a tqdm progress bar.
+    on_batch : callable, optional
+        Called with ``(indices, features)`` after every forward pass.
+
+    Returns
+    -------
+    ndarray of shape (len(items), backbone.num_features), float32
+
+    Raises
+    ------
+    ImageLoadError
+        Listing every input that could not be decoded.
+    """
+    from tqdm.auto import tqdm
+
+    device = torch.device(device)
+    out = np.empty((len(items), backbone.num_features), dtype=np.float32)
+    if len(items) == 0:
+        return out
+    loader = DataLoader(
+        _PreprocessedImages(items, backbone.preprocessing),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=_collate,
+        pin_memory=device.type == "cuda",
+    )
+    failures: list[ImageFailure] = []
+    with tqdm(total=len(items), disable=not verbose, unit="img", desc="features") as progress:
+        for indices, batch, batch_failures in loader:
+            failures.extend(
+                ImageFailure(i, describe_item(items[i]), reason) for i, reason in batch_failures
+            )
+            if batch is not None and not failures:
+                features = _forward(backbone, batch, device)
+                out[indices] = features
+                if on_batch is not None:
+                    on_batch(indices, features)
+            progress.update(len(indices) + len(batch_failures))
+    if failures:
+        raise ImageLoadError(failures)
+    return out
+
+
+def _forward(backbone: Backbone, batch: torch.Tensor, device: torch.device) -> np.ndarray:
+    with torch.inference_mode():
+        x = backbone.preprocessing.normalize(batch.to(device, non_blocking=True))
+        x = x.contiguous(memory_format=torch.channels_last)
+        return backbone.model(x).float().cpu().numpy()
