@@ -313,10 +313,47 @@ def _build_timm(
 def _download_timm(name: str) -> nn.Module:
     import timm
 
+    if not _timm_weights_cached(name) and not _hub_reachable():
+        # Fail now rather than after a minute of the hub client's retries.
+        raise _unavailable(name, ConnectionError("no network: the Hugging Face Hub is unreachable"))
     try:
         return timm.create_model(name, pretrained=True)
     except Exception as exc:  # network, hub and cache errors come in many types
         raise _unavailable(name, exc) from exc
+
+
+def _timm_weights_cached(name: str) -> bool:
+    """Whether timm would find this model's weights in the local Hub cache."""
+    from huggingface_hub import try_to_load_from_cache
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(name)
+    hub_id = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+    if not hub_id:
+        return True  # weights from a plain URL: let timm's own cache handling decide
+    files = (getattr(cfg, "hf_hub_filename", None), "model.safetensors", "pytorch_model.bin")
+    return any(isinstance(try_to_load_from_cache(hub_id, f), str) for f in files if f)
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hub's host resolves (offline mode counts as unreachable)."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(timeout)
+    try:
+        socket.getaddrinfo(host, 443)
+        return True
+    except OSError:
+        return False
+    finally:
+        socket.setdefaulttimeout(previous)
 
 
 def _timm_preprocessing(model: nn.Module) -> Preprocessing:
