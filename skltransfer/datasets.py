@@ -69,7 +69,7 @@ def load_image_folder(
     ...     (root / cls).mkdir()
     ...     Image.new("RGB", (8, 8)).save(root / cls / "a.png")
     >>> paths, labels = load_image_folder(root)
-    >>> list(labels)
+    >>> labels.tolist()
     ['cat', 'dog']
     """
     root = Path(root)
