@@ -136,10 +136,12 @@ def test_offline_torchvision_download_names_the_backbone(monkeypatch):
     from urllib.error import URLError
 
     def offline(*args, **kwargs):
-        raise URLError("Name or service not known")
+        raise URLError("simulated: no network")
 
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
-    with pytest.raises(BackboneUnavailableError, match="torchvision:resnet18"):
+    from torchvision.models import WeightsEnum
+
+    monkeypatch.setattr(WeightsEnum, "get_state_dict", offline)
+    with pytest.raises(BackboneUnavailableError, match="torchvision:resnet18.*simulated: no network"):
         load_backbone("torchvision:resnet18")
 
 
