@@ -13,6 +13,7 @@ from .backbones import (
     load_backbone,
     offline_backbones,
 )
+from .cache import CacheInfo, FeatureCache
 from .datasets import load_image_folder, stable_train_test_split
 from .decoding import ImageFailure, ImageLoadError
 from .features import PretrainedFeatures
@@ -21,6 +22,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BackboneUnavailableError",
+    "CacheInfo",
+    "FeatureCache",
     "ImageFailure",
     "ImageLoadError",
     "PretrainedFeatures",

@@ -26,7 +26,6 @@ import hashlib
 import importlib
 import os
 import threading
-import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -191,11 +190,6 @@ _SHARED_LOCK = threading.Lock()
 _SHARED_MAX = 4
 
 
-# A user's module is keyed by the module object itself (weakly: the entry
-# goes when the module does); it is snapshotted when first used.
-_SHARED_MODULES: "weakref.WeakKeyDictionary[nn.Module, OrderedDict]" = weakref.WeakKeyDictionary()
-
-
 def shared_backbone(
     backbone: BackboneSpec,
     weights: WeightsSpec = "pretrained",
@@ -207,7 +201,9 @@ def shared_backbone(
     Estimator clones (``GridSearchCV`` folds, ``clone``, unpickled copies)
     ask for the same configuration and get the same model. A weight file is
     keyed by its path, size and modification time, so an edited file is
-    reloaded. The registry keeps the 4 most recently used models.
+    reloaded. A module is keyed by its class, architecture and weight
+    digest, so the copies that ``clone`` makes share one build. The registry
+    keeps the 4 most recently used models.
 
     Examples
     --------
@@ -216,11 +212,11 @@ def shared_backbone(
     True
     """
     if isinstance(backbone, nn.Module):
-        table = _SHARED_MODULES.setdefault(backbone, OrderedDict())
-        key = (pooling, str(device))
+        spec = ("module", type(backbone).__qualname__, repr(backbone), weights_digest(backbone))
     else:
-        table = _SHARED
-        key = (backbone, _weights_key(weights), pooling, str(device))
+        spec = (backbone, _weights_key(weights))
+    key = spec + (pooling, str(device))
+    table = _SHARED
     with _SHARED_LOCK:
         if key in table:
             table.move_to_end(key)
@@ -247,7 +243,6 @@ def clear_shared_backbones() -> None:
     """Forget every shared model (frees their memory)."""
     with _SHARED_LOCK:
         _SHARED.clear()
-        _SHARED_MODULES.clear()
 
 
 def _remember(table: OrderedDict, key: tuple, value: Backbone) -> None:

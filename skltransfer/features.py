@@ -7,7 +7,9 @@ for inputs, :mod:`~skltransfer.inference` for batches on a device).
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import time
 from numbers import Integral
 
 import numpy as np
@@ -18,7 +20,8 @@ from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
 from .backbones import TIMM_POOLINGS, Backbone, WeightsMismatchError, shared_backbone
-from .decoding import as_image_items
+from .cache import CacheInfo, FeatureCache, content_keys, feature_config_id
+from .decoding import ImageLoadError, as_image_items
 from .inference import extract_features, resolve_batch_size, resolve_device
 
 __all__ = ["PretrainedFeatures"]
@@ -68,6 +71,13 @@ class PretrainedFeatures(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
         Processes decoding images in parallel (0: in this process).
     verbose : bool, default=False
         Show a progress bar during ``transform``.
+    cache : "auto", path, FeatureCache or None, default="auto"
+        Where computed features are kept so that no image goes through the
+        same backbone twice, across folds, processes and runs. ``"auto"``:
+        ``$SKLTRANSFER_CACHE_DIR`` if set, else ``~/.cache/skltransfer``. A
+        path: that folder. A :class:`~skltransfer.FeatureCache`: its folder
+        and size limit. ``None``: no cache. Entries are keyed by image
+        content and feature configuration, never by file name or object.
 
     Attributes
     ----------
@@ -78,6 +88,8 @@ class PretrainedFeatures(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
         run if the weights behind the same name have changed since.
     preprocessing_ : Preprocessing
         Input size, crop, interpolation, mean and std used for every image.
+    cache_info_ : CacheInfo
+        Hits, misses and seconds of the last ``transform`` (set by it).
 
     See Also
     --------
@@ -101,6 +113,7 @@ class PretrainedFeatures(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
         "device": [str, torch.device],
         "num_workers": [Interval(Integral, 0, None, closed="left")],
         "verbose": ["boolean"],
+        "cache": [StrOptions({"auto"}), str, os.PathLike, FeatureCache, None],
     }
 
     def __init__(
@@ -112,6 +125,7 @@ class PretrainedFeatures(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
         device: str | torch.device = "auto",
         num_workers: int = 0,
         verbose: bool = False,
+        cache: str | os.PathLike | FeatureCache | None = "auto",
     ):
         self.backbone = backbone
         self.weights = weights
@@ -120,6 +134,7 @@ class PretrainedFeatures(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
         self.device = device
         self.num_workers = num_workers
         self.verbose = verbose
+        self.cache = cache
 
     @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X, y=None):
@@ -170,14 +185,73 @@ class PretrainedFeatures(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
         items = as_image_items(X)
         _check_not_empty(items)
         device = resolve_device(self.device)
-        return extract_features(
-            self._backbone(device),
-            items,
+        backbone = self._backbone(device)
+        run = dict(
             batch_size=resolve_batch_size(self.batch_size, device),
             device=device,
             num_workers=self.num_workers,
             verbose=self.verbose,
         )
+        start = time.perf_counter()
+        store = self._feature_cache()
+        if store is None:
+            features = extract_features(backbone, items, **run)
+            self.cache_info_ = CacheInfo(0, len(items), time.perf_counter() - start)
+            return features
+
+        config = feature_config_id(self._feature_config(backbone))
+        keys = content_keys(items, store)
+        found = store.get(config, keys, backbone.num_features)
+        features = np.empty((len(items), backbone.num_features), dtype=np.float32)
+        missing = []
+        for i, key in enumerate(keys):
+            if key in found:
+                features[i] = found[key]
+            else:
+                missing.append(i)
+        self.cache_info_ = CacheInfo(len(items) - len(missing), len(missing), 0.0)
+        if missing:
+            with store.computing(config):
+                # Another process may have computed some of them while we waited.
+                late = store.get(config, [keys[i] for i in missing], backbone.num_features)
+                for i in missing:
+                    if keys[i] in late:
+                        features[i] = late[keys[i]]
+                missing = [i for i in missing if keys[i] not in late]
+                self.cache_info_ = CacheInfo(len(items) - len(missing), len(missing), 0.0)
+
+                def keep(indices, rows):
+                    store.put(config, [keys[missing[j]] for j in indices], rows)
+
+                try:
+                    if missing:
+                        features[missing] = extract_features(
+                            backbone, [items[i] for i in missing], on_batch=keep, keep_going=True, **run
+                        )
+                except ImageLoadError as exc:  # positions in the misses -> positions in X
+                    raise ImageLoadError(
+                        [dataclasses.replace(f, index=missing[f.index]) for f in exc.failures]
+                    ) from None
+        self.cache_info_.seconds = time.perf_counter() - start
+        return features
+
+    def _feature_cache(self) -> FeatureCache | None:
+        if self.cache is None:
+            return None
+        if isinstance(self.cache, FeatureCache):
+            return self.cache
+        return FeatureCache(None if self.cache == "auto" else self.cache)
+
+    def _feature_config(self, backbone: Backbone) -> dict:
+        """Everything that changes the numbers: the cache's configuration key."""
+        return {
+            "backbone": backbone.name,
+            "weights": backbone.weights_digest,
+            "preprocessing": backbone.preprocessing.as_dict(),
+            "pooling": self.pooling,
+            "width": backbone.num_features,
+            "precision": "float32",
+        }
 
     def _backbone(self, device: torch.device) -> Backbone:
         backbone = shared_backbone(self.backbone, self.weights, self.pooling, device)

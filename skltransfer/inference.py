@@ -99,6 +99,7 @@ def extract_features(
     num_workers: int = 0,
     verbose: bool = False,
     on_batch: Callable[[list[int], np.ndarray], None] | None = None,
+    keep_going: bool = False,
 ) -> np.ndarray:
     """Compute one feature row per item.
 
@@ -118,6 +119,9 @@ def extract_features(
         Show a tqdm progress bar.
     on_batch : callable, optional
         Called with ``(indices, features)`` after every forward pass.
+    keep_going : bool
+        After a bad image, go on computing the good ones (so that ``on_batch``
+        can keep them, in a cache say) instead of only decoding the rest.
 
     Returns
     -------
@@ -148,7 +152,7 @@ def extract_features(
             failures.extend(
                 ImageFailure(i, describe_item(items[i]), reason) for i, reason in batch_failures
             )
-            if batch is not None and not failures:
+            if batch is not None and (keep_going or not failures):
                 features = _forward(backbone, batch, device)
                 out[indices] = features
                 if on_batch is not None:

@@ -62,6 +62,12 @@ def image_folder(tmp_path: Path) -> Path:
 
 
 @pytest.fixture(autouse=True)
+def _private_feature_cache(tmp_path, monkeypatch):
+    """cache="auto" writes into this test's own folder, never the user's home."""
+    monkeypatch.setenv("SKLTRANSFER_CACHE_DIR", str(tmp_path / "feature-cache"))
+
+
+@pytest.fixture(autouse=True)
 def _fresh_shared_backbones():
     """Every test starts with no shared model, so build counts are exact."""
     clear_shared_backbones()

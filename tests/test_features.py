@@ -30,7 +30,8 @@ from skltransfer import (
 
 
 def tiny(**params) -> PretrainedFeatures:
-    return PretrainedFeatures(**{"backbone": TINY, "weights": None, **params})
+    """The tiny backbone, uncached: every transform really runs the model."""
+    return PretrainedFeatures(**{"backbone": TINY, "weights": None, "cache": None, **params})
 
 
 def test_each_input_kind_gives_the_same_features(tmp_path):
