@@ -79,13 +79,16 @@ def _demo(args: argparse.Namespace) -> int:
                 device=args.device,
                 num_workers=args.workers,
                 verbose=not args.quiet,
+                cache=None if args.no_cache else "auto",
             ),
             StandardScaler(),
             LogisticRegression(max_iter=2000, C=0.5),
         )
         start = time.perf_counter()
         model.fit(train_paths, y_train)
+        hits = model[0].cache_info_.hits
         predicted = model.predict(test_paths)
+        hits += model[0].cache_info_.hits
         seconds = time.perf_counter() - start
     n_images = len(train_paths) + len(test_paths)
     accuracy = accuracy_score(y_test, predicted)
@@ -95,6 +98,8 @@ def _demo(args: argparse.Namespace) -> int:
     print(f"backbone: {args.backbone}")
     print(f"test accuracy: {accuracy:.1%} ({len(test_paths)} images)")
     print(f"throughput: {n_images / seconds:.1f} images/s end to end ({n_images} images in {seconds:.1f} s)")
+    if hits:
+        print(f"cache: {hits} of {n_images} images' features were already cached (--no-cache to recompute)")
     print(f"model: {out} ({out.stat().st_size / 1024:.0f} KiB)")
     return EXIT_OK
 
@@ -130,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--batch-size", default="auto", type=lambda v: v if v == "auto" else int(v),
                       help="images per forward pass (default: auto)")
     demo.add_argument("--workers", type=int, default=0, help="image decoding processes")
+    demo.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(run=_demo)
     return parser
