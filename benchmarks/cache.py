@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -24,6 +25,10 @@ from sklearn.pipeline import Pipeline
 from sklearn.svm import SVC
 
 from skltransfer import FeatureCache, PretrainedFeatures, load_image_folder
+
+# scikit-learn 1.9 deprecates SVC(probability=True), the head the issue names; quiet
+# its warning here and in the loky workers (which inherit the environment).
+os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning")
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 HEADS = [LogisticRegression(max_iter=1000), MLPClassifier(max_iter=500, random_state=0), SVC(probability=True)]

@@ -22,7 +22,7 @@ from torch import nn
 from .backbones import TIMM_POOLINGS, Backbone, WeightsMismatchError, shared_backbone
 from .cache import CacheInfo, FeatureCache, content_keys, feature_config_id
 from .decoding import ImageLoadError, as_image_items
-from .inference import extract_features, resolve_batch_size, resolve_device
+from .inference import all_cores, extract_features, resolve_batch_size, resolve_device
 
 __all__ = ["PretrainedFeatures"]
 
@@ -203,15 +203,15 @@ class PretrainedFeatures(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
         keys = content_keys(items, store)
         found = store.get(config, keys, backbone.num_features)
         features = np.empty((len(items), backbone.num_features), dtype=np.float32)
-        missing = []
-        for i, key in enumerate(keys):
-            if key in found:
-                features[i] = found[key]
-            else:
-                missing.append(i)
+        hit = [i for i, key in enumerate(keys) if key in found]
+        if hit:
+            features[hit] = np.stack([found[keys[i]] for i in hit])
+        missing = [i for i, key in enumerate(keys) if key not in found]
         self.cache_info_ = CacheInfo(len(items) - len(missing), len(missing), 0.0)
         if missing:
-            with store.computing(config):
+            # One process computes a configuration at a time; the others wait
+            # for its results, so it may use all the cores.
+            with store.computing(config), all_cores():
                 # Another process may have computed some of them while we waited.
                 late = store.get(config, [keys[i] for i in missing], backbone.num_features)
                 for i in missing:

@@ -12,7 +12,9 @@ lists every bad file.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import os
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -22,7 +24,7 @@ from .backbones import Backbone
 from .decoding import ImageFailure, ImageItem, ImageLoadError, describe_item, try_decode_rgb
 from .preprocessing import Preprocessing
 
-__all__ = ["extract_features", "resolve_batch_size", "resolve_device"]
+__all__ = ["all_cores", "extract_features", "resolve_batch_size", "resolve_device"]
 
 #: ``batch_size="auto"``: small batches on CPU keep activations inside the
 #: allocator's cached memory (large ones spend much of their time in page
@@ -41,6 +43,32 @@ def resolve_batch_size(batch_size: int | str, device: torch.device) -> int:
     if batch_size == "auto":
         return AUTO_BATCH_SIZE.get(device.type, AUTO_BATCH_SIZE["cpu"])
     return int(batch_size)
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+@contextmanager
+def all_cores() -> Iterator[None]:
+    """Let torch use every available core for a while, then restore its setting.
+
+    For a process that knows the others are waiting for it: joblib's loky
+    workers start with ``cores // n_jobs`` threads each, which leaves cores
+    idle while one worker computes features the others wait for.
+    """
+    before = torch.get_num_threads()
+    wanted = available_cores()
+    if wanted > before:
+        torch.set_num_threads(wanted)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
