@@ -12,7 +12,9 @@ lists every bad file.
 
 from __future__ import annotations
 
+import ctypes
 import os
+import platform
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
@@ -43,6 +45,39 @@ def resolve_batch_size(batch_size: int | str, device: torch.device) -> int:
     if batch_size == "auto":
         return AUTO_BATCH_SIZE.get(device.type, AUTO_BATCH_SIZE["cpu"])
     return int(batch_size)
+
+
+_ALLOCATOR_TUNED = False
+TUNING_ENV = "SKLTRANSFER_MALLOC_TUNING"
+
+
+def tune_allocator() -> bool:
+    """Keep freed activation memory in glibc's heap (once per process, CPU path).
+
+    With glibc's defaults every forward pass maps, faults in and unmaps its
+    large activations: on 2 cores, EfficientNet-Lite0 at batch 8 spends about
+    a third of its time in the kernel and runs ~50 instead of ~80 images/s.
+    Raising the mmap threshold to its maximum (32 MB) and the trim threshold
+    to 256 MB keeps those buffers in the heap for reuse. The cost: up to
+    256 MB of freed memory stays with the process. ``SKLTRANSFER_MALLOC_TUNING=0``
+    turns it off. Returns whether the settings were applied.
+    """
+    global _ALLOCATOR_TUNED
+    if _ALLOCATOR_TUNED:
+        return True
+    if os.environ.get(TUNING_ENV, "1") == "0":
+        return False
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+        ok = libc.mallopt(m_mmap_threshold, 32 * 1024 * 1024) == 1
+        ok &= libc.mallopt(m_trim_threshold, 256 * 1024 * 1024) == 1
+    except (OSError, AttributeError):
+        return False
+    _ALLOCATOR_TUNED = bool(ok)
+    return _ALLOCATOR_TUNED
 
 
 def available_cores() -> int:
@@ -163,6 +198,8 @@ def extract_features(
     from tqdm.auto import tqdm
 
     device = torch.device(device)
+    if device.type == "cpu":
+        tune_allocator()
     out = np.empty((len(items), backbone.num_features), dtype=np.float32)
     if len(items) == 0:
         return out

@@ -198,3 +198,16 @@ def test_invalid_parameters_are_refused_at_fit(image_folder, params, message):
 def test_empty_input_is_refused(image_folder):
     with pytest.raises(ValueError, match="0 sample"):
         tiny().fit([])
+
+
+def test_allocator_tuning_can_be_turned_off(monkeypatch):
+    from skltransfer import inference
+
+    monkeypatch.setattr(inference, "_ALLOCATOR_TUNED", False)
+    monkeypatch.setenv(inference.TUNING_ENV, "0")
+    assert inference.tune_allocator() is False
+    monkeypatch.delenv(inference.TUNING_ENV)
+    import platform
+
+    expected = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert inference.tune_allocator() is expected
