@@ -5,9 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from conftest import TINY
+from _support import TINY
 from skltransfer import backbones
 from skltransfer.backbones import (
     BackboneUnavailableError,

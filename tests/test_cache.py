@@ -21,7 +21,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.svm import SVC
 from torch import nn
 
-from conftest import TINY, encode, make_image
+from _support import TINY, encode, make_image
 from skltransfer import FeatureCache, ImageLoadError, PretrainedFeatures, load_image_folder
 
 

@@ -17,7 +17,7 @@ db = pytest.importorskip("dask.bag")
 from distributed import Client, LocalCluster  # noqa: E402
 
 import skltransfer.dask as skdask  # noqa: E402
-from conftest import TINY  # noqa: E402
+from _support import TINY  # noqa: E402
 from skltransfer import PretrainedFeatures, load_image_folder  # noqa: E402
 from skltransfer.scoring import score_chunk  # noqa: E402
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import requires_shared_data
+from _support import requires_shared_data
 from skltransfer import load_image_folder, stable_train_test_split
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import encode, make_image
+from _support import encode, make_image
 from skltransfer.decoding import ImageLoadError, as_image_items, decode_rgb
 
 

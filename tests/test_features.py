@@ -19,7 +19,7 @@ from sklearn.model_selection import GridSearchCV
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import Pipeline, make_pipeline
 
-from conftest import TINY, encode, make_image
+from _support import TINY, encode, make_image
 from skltransfer import (
     ImageLoadError,
     PretrainedFeatures,

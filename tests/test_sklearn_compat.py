@@ -13,11 +13,10 @@ transformer are listed in EXPECTED_FAILURES with the reason.
 from __future__ import annotations
 
 import numpy as np
-import pytest
 from sklearn.utils import check_array
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from conftest import TINY
+from _support import TINY
 from skltransfer import PretrainedFeatures
 
 
