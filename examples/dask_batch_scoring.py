@@ -1,0 +1,39 @@
+"""Batch scoring with Dask: a LocalCluster here, any cluster in production.
+
+    python examples/dask_batch_scoring.py [PHOTOS_DIR]
+
+Trains a small model on hymenoptera/train (or PHOTOS_DIR/train), then scores the test
+photos as a Dask DataFrame of paths on 2 local workers, writes the predictions to a
+Parquet dataset and prints the accuracy. Needs pip install skltransfer[dask].
+"""
+
+import sys
+import tempfile
+from pathlib import Path
+
+import dask.dataframe as dd
+import pandas as pd
+from distributed import Client, LocalCluster
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+
+import skltransfer.dask
+from skltransfer import PretrainedFeatures, load_image_folder
+
+root = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parents[2] / "shared/data/hymenoptera"
+
+if __name__ == "__main__":
+    train, y_train = load_image_folder(root / "train")
+    test, y_test = load_image_folder(root / "test")
+    model = make_pipeline(PretrainedFeatures(), LogisticRegression(max_iter=1000)).fit(train, y_train)
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as cluster, Client(cluster):
+        paths = dd.from_pandas(pd.DataFrame({"path": test}), npartitions=8)
+        predictions = skltransfer.dask.predict(model, paths, top_k=2)
+        out = Path(tempfile.mkdtemp()) / "predictions"
+        predictions.to_parquet(str(out), write_index=False)
+
+    result = pd.read_parquet(out)
+    accuracy = (result["prediction"].to_numpy() == y_test).mean()
+    print(result.head(3).to_string(index=False))
+    print(f"{len(result)} predictions in {out}; accuracy {accuracy:.1%}")

@@ -1,0 +1,346 @@
+"""``FineTuneClassifier``: fine-tune a pretrained backbone behind fit / predict.
+
+The estimator validates its parameters, encodes labels, splits off a
+validation set, and calls the stages: :func:`~skltransfer.backbones.load_classifier`
+for the model, :func:`~skltransfer.training.train_classifier` for the
+optimisation, :func:`~skltransfer.inference.extract_features` for predictions.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from numbers import Integral, Real
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, ClassifierMixin, _fit_context
+from sklearn.model_selection import train_test_split
+from sklearn.utils import check_random_state
+from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils.class_weight import compute_class_weight
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_is_fitted
+from .backbones import Backbone, build_classifier_architecture, load_classifier, weights_digest
+from .decoding import as_image_items
+from .inference import extract_features, resolve_batch_size, resolve_device
+from .training import TrainingPlan, train_classifier, training_augmentation
+
+__all__ = ["FineTuneClassifier"]
+
+
+class FineTuneClassifier(ClassifierMixin, BaseEstimator):
+    """Fine-tune a pretrained image backbone end to end, as a scikit-learn classifier.
+
+    A new classifier replaces the backbone's ImageNet head. Training runs
+    ``head_epochs`` with only the head learning (optional), then ``epochs``
+    with the last ``unfreeze`` layer groups learning too, the pretrained ones
+    at a lower learning rate. AdamW, warm-up then cosine (or one-cycle)
+    schedule, label smoothing, gradient clipping, random-resized-crop + flip
+    augmentation, mixed precision and channels_last on CUDA.
+
+    Parameters
+    ----------
+    backbone : str, default="tf_efficientnet_lite0"
+        A timm model name or ``"torchvision:<name>"`` (as for
+        :class:`~skltransfer.PretrainedFeatures`).
+    weights : "pretrained", None or path, default="pretrained"
+        Where the backbone's starting weights come from.
+    unfreeze : int, "all" or list of str, default=2
+        What learns besides the new head. ``0``: nothing (a linear probe
+        with augmentation). ``N``: the last N layer groups. For timm models a
+        group is what ``model.group_matcher(coarse=True)`` groups: the stem,
+        then one group per stage (EfficientNet: the 7 block stages, the head
+        convolution going with the last; ResNet: layer1..layer4; ViT: each
+        transformer block). For torchvision models, each top-level child
+        (``features``, ``layer4``...). ``"all"``: everything. A list of
+        ``fnmatch`` patterns on parameter names (``["blocks.6.*", "conv_head.*"]``).
+        Frozen BatchNorm layers stay in eval mode: their statistics do not move.
+    epochs : int, default=10
+        Epochs with ``unfreeze`` applied.
+    head_epochs : int, default=0
+        Epochs before those, training only the new head (fastai's ``fine_tune``).
+    learning_rate : float, default=1e-3
+        Peak learning rate of the new head.
+    backbone_lr_ratio : float, default=0.1
+        Pretrained layers learn at ``learning_rate * backbone_lr_ratio``.
+    layer_decay : float or None, default=None
+        Layer-wise decay: each group further from the head learns ``layer_decay``
+        times slower than the next.
+    weight_decay : float, default=0.01
+        AdamW weight decay.
+    schedule : {"cosine", "onecycle", "constant"}, default="cosine"
+        Learning-rate schedule of each phase, after ``warmup_epochs`` of linear warm-up.
+    warmup_epochs : float, default=1.0
+    label_smoothing : float, default=0.1
+    max_grad_norm : float or None, default=1.0
+        Gradient clipping (None: off).
+    augment : bool or callable, default=True
+        Training geometry. True: random resized crop (scale 0.35-1) + horizontal
+        flip on uint8 tensors; False: the eval resize + crop; a callable maps a
+        ``(3, H, W)`` uint8 tensor to one of the model's input size.
+    class_weight : "balanced", dict or None, default=None
+        Weights of the classes in the loss.
+    early_stopping : bool, default=False
+        Hold out ``validation_fraction`` of the training images (stratified)
+        and stop when the validation loss has not improved for
+        ``n_iter_no_change`` epochs; the best weights are restored.
+    validation_fraction : float, default=0.1
+    n_iter_no_change : int, default=3
+    batch_size : int or "auto", default="auto"
+        Images per step (32 on CPU, 64 on CUDA).
+    device : str, default="auto"
+    num_workers : int, default=0
+        Decoding processes.
+    warm_start : bool, default=False
+        Continue training the fitted model on a new ``fit`` instead of starting over.
+    random_state : int, RandomState or None, default=None
+        Seeds the head's initialisation, the shuffling, the augmentation and the
+        validation split: CPU runs with the same seed give the same model.
+    verbose : bool, default=False
+        A progress bar per epoch with the running loss and accuracy.
+
+    Attributes
+    ----------
+    classes_ : ndarray
+        Class labels, in the order of ``predict_proba``'s columns.
+    model_ : torch.nn.Module
+        The fine-tuned network (eval mode).
+    preprocessing_ : Preprocessing
+        Eval resize, crop and normalisation.
+    history_ : list of dict
+        One entry per epoch: ``epoch``, ``phase`` ("head" or "tune"),
+        ``train_loss``, ``train_accuracy``, ``learning_rate`` (the head's, at the
+        epoch's end), ``images_per_second``; with early stopping also
+        ``valid_loss`` and ``valid_accuracy``, and ``best`` on the restored epoch.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> X = rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+    >>> y = np.array(["a", "b"] * 4)
+    >>> clf = FineTuneClassifier("test_efficientnet", weights=None, epochs=1, random_state=0)
+    >>> clf.fit(X, y).predict_proba(X).shape
+    (8, 2)
+    """
+
+    _parameter_constraints: dict = {
+        "backbone": [str],
+        "weights": [StrOptions({"pretrained"}), str, os.PathLike, None],
+        "unfreeze": [Interval(Integral, 0, None, closed="left"), StrOptions({"all"}), list, tuple],
+        "epochs": [Interval(Integral, 0, None, closed="left")],
+        "head_epochs": [Interval(Integral, 0, None, closed="left")],
+        "learning_rate": [Interval(Real, 0, None, closed="neither")],
+        "backbone_lr_ratio": [Interval(Real, 0, None, closed="left")],
+        "layer_decay": [Interval(Real, 0, 1, closed="right"), None],
+        "weight_decay": [Interval(Real, 0, None, closed="left")],
+        "schedule": [StrOptions({"cosine", "onecycle", "constant"})],
+        "warmup_epochs": [Interval(Real, 0, None, closed="left")],
+        "label_smoothing": [Interval(Real, 0, 1, closed="left")],
+        "max_grad_norm": [Interval(Real, 0, None, closed="neither"), None],
+        "augment": ["boolean", callable],
+        "class_weight": [StrOptions({"balanced"}), dict, None],
+        "early_stopping": ["boolean"],
+        "validation_fraction": [Interval(Real, 0, 1, closed="neither")],
+        "n_iter_no_change": [Interval(Integral, 1, None, closed="left")],
+        "batch_size": [Interval(Integral, 1, None, closed="left"), StrOptions({"auto"})],
+        "device": [str, torch.device],
+        "num_workers": [Interval(Integral, 0, None, closed="left")],
+        "warm_start": ["boolean"],
+        "random_state": ["random_state"],
+        "verbose": ["boolean"],
+    }
+
+    def __init__(
+        self,
+        backbone: str = "tf_efficientnet_lite0",
+        weights: str | os.PathLike | None = "pretrained",
+        unfreeze: int | str | list[str] = 2,
+        epochs: int = 10,
+        head_epochs: int = 0,
+        learning_rate: float = 1e-3,
+        backbone_lr_ratio: float = 0.1,
+        layer_decay: float | None = None,
+        weight_decay: float = 0.01,
+        schedule: str = "cosine",
+        warmup_epochs: float = 1.0,
+        label_smoothing: float = 0.1,
+        max_grad_norm: float | None = 1.0,
+        augment: bool | Any = True,
+        class_weight: str | dict | None = None,
+        early_stopping: bool = False,
+        validation_fraction: float = 0.1,
+        n_iter_no_change: int = 3,
+        batch_size: int | str = "auto",
+        device: str | torch.device = "auto",
+        num_workers: int = 0,
+        warm_start: bool = False,
+        random_state: Any = None,
+        verbose: bool = False,
+    ):
+        self.backbone = backbone
+        self.weights = weights
+        self.unfreeze = unfreeze
+        self.epochs = epochs
+        self.head_epochs = head_epochs
+        self.learning_rate = learning_rate
+        self.backbone_lr_ratio = backbone_lr_ratio
+        self.layer_decay = layer_decay
+        self.weight_decay = weight_decay
+        self.schedule = schedule
+        self.warmup_epochs = warmup_epochs
+        self.label_smoothing = label_smoothing
+        self.max_grad_norm = max_grad_norm
+        self.augment = augment
+        self.class_weight = class_weight
+        self.early_stopping = early_stopping
+        self.validation_fraction = validation_fraction
+        self.n_iter_no_change = n_iter_no_change
+        self.batch_size = batch_size
+        self.device = device
+        self.num_workers = num_workers
+        self.warm_start = warm_start
+        self.random_state = random_state
+        self.verbose = verbose
+
+    # -- fitting ----------------------------------------------------------------------
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X, y):
+        """Fine-tune on images ``X`` with labels ``y``.
+
+        Raises
+        ------
+        ValueError
+            Fewer than two classes, ``X`` and ``y`` of different lengths, an
+            ``unfreeze`` pattern that matches no parameter.
+        skltransfer.ImageLoadError
+            Naming every image that cannot be read.
+        """
+        items = as_image_items(X)
+        y = np.asarray(y)
+        if y.ndim != 1:
+            raise ValueError(f"y must be 1-D (one label per image), got shape {y.shape}")
+        if len(items) != len(y):
+            raise ValueError(f"X and y have different lengths: {len(items)} images, {len(y)} labels")
+        check_classification_targets(y)
+        classes, targets = np.unique(y, return_inverse=True)
+        if len(classes) < 2:
+            raise ValueError(f"need at least two classes to train a classifier, got only {classes.tolist()}")
+        continuing = self.warm_start and hasattr(self, "model_")
+        if continuing and not np.array_equal(classes, self.classes_):
+            raise ValueError(f"warm_start: the classes changed from {self.classes_.tolist()} to {classes.tolist()}")
+        device = resolve_device(self.device)
+        rng = check_random_state(self.random_state)
+        seed = int(rng.randint(0, 2**31 - 1))
+
+        validation = None
+        if self.early_stopping:
+            indices = np.arange(len(items))
+            train_idx, valid_idx = train_test_split(indices, test_size=self.validation_fraction,
+                                                    stratify=targets, random_state=seed)
+            validation = ([items[i] for i in valid_idx], targets[valid_idx])
+            train_items, train_targets = [items[i] for i in train_idx], targets[train_idx]
+        else:
+            train_items, train_targets = items, targets
+
+        if continuing:
+            model, preprocessing, classifier = self.model_, self.preprocessing_, self.classifier_
+            model.requires_grad_(True)
+        else:
+            model, preprocessing, classifier = load_classifier(self.backbone, self.weights, len(classes), seed=seed)
+        augment = self.augment
+        if augment is True:
+            augment = training_augmentation(preprocessing)
+        elif augment is False:
+            augment = None
+        weights = None
+        if self.class_weight is not None:
+            weights = torch.tensor(
+                compute_class_weight(self.class_weight, classes=classes, y=y), dtype=torch.float32
+            )
+        plan = TrainingPlan(
+            epochs=self.epochs, head_epochs=self.head_epochs, learning_rate=self.learning_rate,
+            backbone_lr_ratio=self.backbone_lr_ratio, layer_decay=self.layer_decay,
+            weight_decay=self.weight_decay, schedule=self.schedule, warmup_epochs=self.warmup_epochs,
+            label_smoothing=self.label_smoothing, max_grad_norm=self.max_grad_norm,
+            batch_size=self._train_batch_size(device), num_workers=self.num_workers,
+            n_iter_no_change=self.n_iter_no_change if self.early_stopping else None,
+            class_weights=weights, verbose=self.verbose, seed=seed,
+            history=list(self.history_) if continuing else [],
+        )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            history = train_classifier(model, classifier, self.unfreeze, train_items, train_targets,
+                                       preprocessing, augment, plan, device, validation)
+        self.model_ = model.to("cpu") if device.type != "cpu" else model
+        self.preprocessing_ = preprocessing
+        self.classifier_ = classifier
+        self.classes_ = classes
+        self.history_ = history
+        self.n_trainable_parameters_ = sum(p.numel() for p in model.parameters())
+        return self
+
+    def _train_batch_size(self, device: torch.device) -> int:
+        if self.batch_size == "auto":
+            return 64 if device.type == "cuda" else 32
+        return int(self.batch_size)
+
+    # -- predicting -------------------------------------------------------------------
+
+    def decision_function(self, X) -> np.ndarray:
+        """Logits, ``(n_samples, n_classes)`` (``(n_samples,)`` for two classes, as scikit-learn does)."""
+        logits = self._logits(X)
+        return logits[:, 1] - logits[:, 0] if len(self.classes_) == 2 else logits
+
+    def predict_proba(self, X) -> np.ndarray:
+        """Class probabilities (softmax of the logits), columns in ``classes_`` order."""
+        logits = torch.from_numpy(self._logits(X))
+        return torch.softmax(logits.double(), dim=1).numpy()
+
+    def predict(self, X) -> np.ndarray:
+        """The most probable class of each image."""
+        return self.classes_[self._logits(X).argmax(axis=1)]
+
+    def _logits(self, X) -> np.ndarray:
+        check_is_fitted(self)
+        items = as_image_items(X)
+        device = resolve_device(self.device)
+        model = self.model_ if device.type == "cpu" else copy.deepcopy(self.model_).to(device)
+        runner = Backbone(self.backbone, model.eval(), self.preprocessing_, len(self.classes_), "")
+        return extract_features(runner, items, batch_size=resolve_batch_size(self.batch_size, device),
+                                device=device, num_workers=self.num_workers)
+
+    # -- persistence: weights as CPU tensors, the module rebuilt on load -----------------
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        if "model_" in state:
+            state = dict(state)
+            model = state.pop("model_")
+            state["_model_state"] = {k: v.detach().to("cpu").clone() for k, v in model.state_dict().items()}
+            state["_model_digest"] = weights_digest(model)
+        return state
+
+    def __setstate__(self, state):
+        model_state = state.pop("_model_state", None)
+        digest = state.pop("_model_digest", None)
+        super().__setstate__(state)
+        if model_state is not None:
+            model, _, _ = build_classifier_architecture(self.backbone, len(self.classes_))
+            model.load_state_dict(model_state)
+            model.eval().requires_grad_(False).to(memory_format=torch.channels_last)
+            if digest is not None and weights_digest(model) != digest:
+                raise ValueError("the fine-tuned weights did not survive unpickling intact")
+            self.model_ = model
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.two_d_array = False
+        tags.input_tags.one_d_array = True
+        tags.input_tags.three_d_array = True
+        tags.input_tags.string = True
+        tags.non_deterministic = True  # exact repeatability holds on CPU with random_state
+        return tags

@@ -1,0 +1,333 @@
+"""Training a classifier end to end: which parameters learn, at what rate, for how long.
+
+One job: given a classifier module, labelled image items and a plan, run
+the optimisation. Decoding comes from :mod:`skltransfer.decoding`,
+geometry and normalisation from :mod:`skltransfer.preprocessing`; the
+estimator (:mod:`skltransfer.finetune`) validates parameters and calls this.
+
+Layer groups come from timm's ``group_matcher`` (coarse: the stem, one group
+per stage, the head convolution with the last stage); torchvision models use
+their top-level children. The classifier is always trained.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from .decoding import ImageFailure, ImageLoadError, describe_item, try_decode_rgb
+from .preprocessing import Preprocessing
+
+__all__ = ["TrainingPlan", "layer_groups", "select_trainable", "train_classifier", "training_augmentation"]
+
+
+# -- which parameters learn ------------------------------------------------------
+
+
+def layer_groups(model: nn.Module, classifier: str) -> list[list[str]]:
+    """Backbone parameter names in groups, input side first; the classifier excluded.
+
+    timm models: ``group_parameters(model, model.group_matcher(coarse=True))``.
+    Other models: one group per top-level child that holds parameters.
+    """
+    def is_head(name: str) -> bool:
+        return name == classifier or name.startswith(classifier + ".")
+
+    if hasattr(model, "group_matcher"):
+        from timm.models import group_parameters
+
+        grouped = group_parameters(model, model.group_matcher(coarse=True))
+        groups = [[n for n in names if not is_head(n)] for _, names in sorted(grouped.items())]
+    else:
+        groups = []
+        for child_name, child in model.named_children():
+            names = [f"{child_name}.{n}" for n, _ in child.named_parameters()]
+            groups.append([n for n in names if not is_head(n)])
+    return [g for g in groups if g]
+
+
+def select_trainable(
+    model: nn.Module, classifier: str, unfreeze: int | str | Sequence[str]
+) -> list[list[str]]:
+    """The backbone groups that learn (input side first), per ``unfreeze``.
+
+    ``0``: none (only the classifier); ``N``: the last N groups; ``"all"``:
+    every group; a list of patterns (``fnmatch`` on parameter names): the
+    matching parameters, as one group. A pattern that matches nothing is an
+    error.
+    """
+    groups = layer_groups(model, classifier)
+    if unfreeze == "all":
+        return groups
+    if isinstance(unfreeze, (int, np.integer)) and not isinstance(unfreeze, bool):
+        if unfreeze < 0:
+            raise ValueError(f"unfreeze must be >= 0, got {unfreeze}")
+        return groups[len(groups) - min(int(unfreeze), len(groups)) :] if unfreeze else []
+    patterns = list(unfreeze)
+    names = [n for n, _ in model.named_parameters()]
+    chosen = []
+    for pattern in patterns:
+        hits = fnmatch.filter(names, pattern)
+        if not hits:
+            close = sorted({n.rsplit(".", 2)[0] + ".*" for n in names})[:8]
+            raise ValueError(
+                f"unfreeze pattern {pattern!r} matches no parameter of this model; "
+                f"parameter names look like: {', '.join(close)}"
+            )
+        chosen += [h for h in hits if h not in chosen]
+    return [chosen]
+
+
+# -- data -----------------------------------------------------------------------------
+
+
+def training_augmentation(preprocessing: Preprocessing, scale=(0.35, 1.0)) -> Callable:
+    """timm-style training geometry on uint8 tensors: random resized crop + horizontal flip.
+
+    ``scale`` (0.35, 1): the lower bound fastai uses for fine-tuning on small
+    data sets; timm's ImageNet-from-scratch default (0.08) is harsher.
+    """
+    from torchvision.transforms import v2
+
+    from .preprocessing import _INTERPOLATIONS
+
+    return v2.Compose([
+        v2.RandomResizedCrop(list(preprocessing.input_size), scale=scale,
+                             interpolation=_INTERPOLATIONS[preprocessing.interpolation], antialias=True),
+        v2.RandomHorizontalFlip(),
+    ])
+
+
+class _LabelledImages(Dataset):
+    def __init__(self, items, targets, geometry: Callable):
+        self.items, self.targets, self.geometry = items, targets, geometry
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index):
+        pixels, reason = try_decode_rgb(self.items[index])
+        if pixels is None:
+            return index, None, -1, reason
+        return index, self.geometry(pixels), int(self.targets[index]), None
+
+
+def _collate(samples):
+    good = [s for s in samples if s[1] is not None]
+    failures = [(s[0], s[3]) for s in samples if s[1] is None]
+    if not good:
+        return None, None, failures
+    return torch.stack([s[1] for s in good]), torch.tensor([s[2] for s in good]), failures
+
+
+# -- the plan and the loop ------------------------------------------------------------
+
+
+@dataclass
+class TrainingPlan:
+    """Everything the loop needs besides the model and the data."""
+
+    epochs: int = 10
+    head_epochs: int = 0
+    learning_rate: float = 1e-3
+    backbone_lr_ratio: float = 0.1
+    layer_decay: float | None = None
+    weight_decay: float = 0.01
+    schedule: str = "cosine"
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.1
+    max_grad_norm: float | None = 1.0
+    batch_size: int = 32
+    num_workers: int = 0
+    n_iter_no_change: int | None = None
+    class_weights: torch.Tensor | None = None
+    verbose: bool = False
+    seed: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def _frozen_batchnorm_to_eval(model: nn.Module, trainable: set[str]) -> None:
+    """BatchNorm layers with no trainable parameter keep their running statistics."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            own = [f"{name}.{p}" for p, _ in module.named_parameters(recurse=False)]
+            if not any(p in trainable for p in own):
+                module.eval()
+
+
+def _param_groups(model: nn.Module, classifier: str, groups: list[list[str]], plan: TrainingPlan):
+    params = dict(model.named_parameters())
+    head = [p for n, p in params.items() if n == classifier or n.startswith(classifier + ".")]
+    result = [{"params": head, "lr": plan.learning_rate, "name": "head"}]
+    base = plan.learning_rate * plan.backbone_lr_ratio
+    for depth, names in enumerate(reversed(groups)):  # depth 0: the group nearest the head
+        lr = base * (plan.layer_decay ** depth if plan.layer_decay else 1.0)
+        result.append({"params": [params[n] for n in names], "lr": lr, "name": f"group-{depth}"})
+    return result
+
+
+def _schedule(optimizer, plan: TrainingPlan, steps_per_epoch: int, epochs: int):
+    total = max(1, steps_per_epoch * epochs)
+    if plan.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=total,
+            pct_start=min(0.5, max(plan.warmup_epochs / max(epochs, 1), 0.05)),
+        )
+    warmup = int(round(plan.warmup_epochs * steps_per_epoch))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if plan.schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def train_classifier(
+    model: nn.Module,
+    classifier: str,
+    unfreeze: Any,
+    items: Sequence[Any],
+    targets: np.ndarray,
+    preprocessing: Preprocessing,
+    augment: Callable | None,
+    plan: TrainingPlan,
+    device: torch.device,
+    validation: tuple[Sequence[Any], np.ndarray] | None = None,
+) -> list[dict[str, float]]:
+    """Train ``model`` in place; returns the per-epoch history.
+
+    Runs ``plan.head_epochs`` with only the classifier learning, then
+    ``plan.epochs`` with the groups chosen by ``unfreeze``. With a
+    validation set and ``plan.n_iter_no_change``, stops when the validation
+    loss has not improved for that many epochs and restores the best weights.
+    """
+    geometry = augment if augment is not None else preprocessing.resize_crop
+    loader_rng = torch.Generator().manual_seed(plan.seed)
+    loader = DataLoader(
+        _LabelledImages(items, targets, geometry), batch_size=plan.batch_size, shuffle=True,
+        num_workers=plan.num_workers, collate_fn=_collate, generator=loader_rng,
+        pin_memory=device.type == "cuda", drop_last=len(items) > plan.batch_size,
+    )
+    weights = plan.class_weights.to(device) if plan.class_weights is not None else None
+    loss_fn = nn.CrossEntropyLoss(weight=weights, label_smoothing=plan.label_smoothing)
+    use_amp = device.type == "cuda"
+    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    model.to(device=device, memory_format=torch.channels_last)
+
+    best = (math.inf, None, -1)
+    stale = 0
+    phases = [("head", 0, plan.head_epochs), ("tune", unfreeze, plan.epochs)]
+    for phase, phase_unfreeze, epochs in phases:
+        if epochs <= 0:
+            continue
+        groups = select_trainable(model, classifier, phase_unfreeze)
+        trainable = {n for g in groups for n in g} | {
+            n for n, _ in model.named_parameters() if n == classifier or n.startswith(classifier + ".")
+        }
+        for name, p in model.named_parameters():
+            p.requires_grad_(name in trainable)
+        optimizer = torch.optim.AdamW(_param_groups(model, classifier, groups, plan), weight_decay=plan.weight_decay)
+        scheduler = _schedule(optimizer, plan, max(1, len(loader)), epochs)
+        for _ in range(epochs):
+            row = _train_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, trainable, plan,
+                               device, use_amp, amp_dtype, items, phase, preprocessing)
+            if validation is not None:
+                row.update(evaluate(model, validation[0], validation[1], preprocessing, loss_fn,
+                                    plan.batch_size, device))
+                if row["valid_loss"] < best[0] - 1e-4:
+                    best = (row["valid_loss"], copy.deepcopy(model.state_dict()), len(plan.history))
+                    stale = 0
+                else:
+                    stale += 1
+            plan.history.append(row)
+            if validation is not None and plan.n_iter_no_change and stale >= plan.n_iter_no_change:
+                break
+        if validation is not None and plan.n_iter_no_change and stale >= plan.n_iter_no_change:
+            break
+    if best[1] is not None and plan.n_iter_no_change:
+        model.load_state_dict(best[1])
+        plan.history[best[2]]["best"] = True
+    model.eval().requires_grad_(False)
+    return plan.history
+
+
+def _train_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, trainable, plan, device,
+                 use_amp, amp_dtype, items, phase, preprocessing) -> dict[str, float]:
+    from tqdm.auto import tqdm
+
+    model.train()
+    _frozen_batchnorm_to_eval(model, trainable)
+    epoch = len(plan.history) + 1
+    total_loss, correct, seen, failures = 0.0, 0, 0, []
+    start = time.perf_counter()
+    params = [p for p in model.parameters() if p.requires_grad]
+    with tqdm(total=len(loader.dataset), disable=not plan.verbose, unit="img",
+              desc=f"{phase} epoch {epoch}") as progress:
+        for batch, target, batch_failures in loader:
+            failures += batch_failures
+            if failures:
+                continue  # keep scanning: one error will list every bad image
+            x = preprocessing.normalize(batch.to(device, non_blocking=True))
+            x = x.contiguous(memory_format=torch.channels_last)
+            target = target.to(device, non_blocking=True)
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                logits = model(x)
+                loss = loss_fn(logits.float(), target)
+            scaler.scale(loss).backward()
+            if plan.max_grad_norm:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(params, plan.max_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            total_loss += loss.item() * len(target)
+            correct += (logits.argmax(1) == target).sum().item()
+            seen += len(target)
+            progress.update(len(target))
+            progress.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.2f}")
+    if failures:
+        raise ImageLoadError([ImageFailure(i, describe_item(items[i]), r) for i, r in sorted(failures)])
+    seconds = time.perf_counter() - start
+    return {
+        "epoch": epoch,
+        "phase": phase,
+        "train_loss": total_loss / max(seen, 1),
+        "train_accuracy": correct / max(seen, 1),
+        "learning_rate": optimizer.param_groups[0]["lr"],
+        "images_per_second": seen / seconds if seconds else float("nan"),
+    }
+
+
+@torch.no_grad()
+def evaluate(model, items, targets, preprocessing, loss_fn, batch_size, device) -> dict[str, float]:
+    """Validation loss and accuracy with the eval geometry."""
+    model.eval()
+    loader = DataLoader(_LabelledImages(items, targets, preprocessing.resize_crop), batch_size=batch_size,
+                        shuffle=False, collate_fn=_collate)
+    total, correct, seen = 0.0, 0, 0
+    for batch, target, failures in loader:
+        if failures:
+            raise ImageLoadError([ImageFailure(i, describe_item(items[i]), r) for i, r in failures])
+        x = preprocessing.normalize(batch.to(device)).contiguous(memory_format=torch.channels_last)
+        target = target.to(device)
+        logits = model(x).float()
+        total += loss_fn(logits, target).item() * len(target)
+        correct += (logits.argmax(1) == target).sum().item()
+        seen += len(target)
+    return {"valid_loss": total / max(seen, 1), "valid_accuracy": correct / max(seen, 1)}

@@ -1,0 +1,205 @@
+"""FineTuneClassifier: what learns, what stays frozen, schedules, persistence, errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import joblib
+import numpy as np
+import pytest
+import torch
+from sklearn.base import clone
+from sklearn.model_selection import GridSearchCV
+from sklearn.pipeline import make_pipeline
+from torch import nn
+
+from _support import TINY
+from skltransfer import FineTuneClassifier, ImageLoadError, load_image_folder
+from skltransfer.training import layer_groups
+
+
+def tiny(**params) -> FineTuneClassifier:
+    defaults = {"backbone": TINY, "weights": None, "epochs": 1, "random_state": 0, "batch_size": 8}
+    return FineTuneClassifier(**{**defaults, **params})
+
+
+@pytest.fixture
+def data(image_folder):
+    return load_image_folder(image_folder)
+
+
+def _changed(before: dict, after: nn.Module) -> set[str]:
+    now = after.state_dict()
+    return {k for k, v in before.items() if not torch.equal(v, now[k])}
+
+
+def _initial_state(data, **params) -> dict:
+    """State of the model fit() starts from: same seed path as fit uses."""
+    clf = tiny(**params, epochs=0)
+    clf.fit(*data)
+    return {k: v.clone() for k, v in clf.model_.state_dict().items()}
+
+
+def test_unfreeze_0_trains_only_the_head_and_keeps_batchnorm_statistics(data):
+    initial = _initial_state(data)
+    clf = tiny(unfreeze=0, epochs=2).fit(*data)
+    changed = _changed(initial, clf.model_)
+    assert changed and all(k.startswith(clf.classifier_) for k in changed), changed
+
+
+def test_unfreeze_2_trains_the_last_two_groups_and_nothing_before(data):
+    initial = _initial_state(data)
+    clf = tiny(unfreeze=2, epochs=2).fit(*data)
+    groups = layer_groups(clf.model_, clf.classifier_)
+    changed = _changed(initial, clf.model_)
+    last_two = set(groups[-1] + groups[-2])
+    earlier = set(n for g in groups[:-2] for n in g)
+    assert changed & last_two and not changed & earlier
+    # BatchNorm running statistics of frozen groups did not move; trained ones did.
+    frozen_bn = [k for k in initial if "running_mean" in k and k.rsplit(".", 1)[0] + ".weight" in earlier]
+    trained_bn = [k for k in initial if "running_mean" in k and k.rsplit(".", 1)[0] + ".weight" in last_two]
+    assert frozen_bn and not set(frozen_bn) & changed
+    assert trained_bn and set(trained_bn) & changed
+
+
+def test_unfreeze_all_trains_the_stem(data):
+    initial = _initial_state(data)
+    clf = tiny(unfreeze="all", epochs=1).fit(*data)
+    assert "conv_stem.weight" in _changed(initial, clf.model_)
+
+
+def test_unfreeze_patterns_and_an_unknown_pattern(data):
+    initial = _initial_state(data)
+    clf = tiny(unfreeze=["blocks.4.*"], epochs=1).fit(*data)
+    changed = _changed(initial, clf.model_)
+    assert all(k.startswith(("blocks.4.", clf.classifier_)) for k in changed)
+    assert any(k.startswith("blocks.4.") for k in changed)
+    with pytest.raises(ValueError, match="matches no parameter"):
+        tiny(unfreeze=["nothing.here.*"]).fit(*data)
+
+
+def test_head_epochs_come_first_and_history_records_every_epoch(data):
+    clf = tiny(head_epochs=1, epochs=2).fit(*data)
+    assert [h["phase"] for h in clf.history_] == ["head", "tune", "tune"]
+    assert [h["epoch"] for h in clf.history_] == [1, 2, 3]
+    for h in clf.history_:
+        assert {"train_loss", "train_accuracy", "learning_rate", "images_per_second"} <= set(h)
+
+
+def test_head_only_phase_leaves_the_backbone_alone(data):
+    initial = _initial_state(data)
+    clf = tiny(head_epochs=2, epochs=0, unfreeze="all").fit(*data)
+    assert all(k.startswith(clf.classifier_) for k in _changed(initial, clf.model_))
+
+
+def test_early_stopping_records_validation_and_restores_the_best_epoch(data):
+    clf = tiny(epochs=6, early_stopping=True, validation_fraction=0.25, n_iter_no_change=1,
+               learning_rate=0.05).fit(*data)
+    assert 1 <= len(clf.history_) <= 6
+    assert all("valid_loss" in h and "valid_accuracy" in h for h in clf.history_)
+    best = [h for h in clf.history_ if h.get("best")]
+    assert len(best) == 1 and best[0]["valid_loss"] == min(h["valid_loss"] for h in clf.history_)
+
+
+def test_the_same_random_state_gives_the_same_model_on_cpu(data):
+    a = tiny(random_state=3, epochs=2).fit(*data).predict_proba(data[0])
+    b = tiny(random_state=3, epochs=2).fit(*data).predict_proba(data[0])
+    c = tiny(random_state=4, epochs=2).fit(*data).predict_proba(data[0])
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, c)
+
+
+def test_string_labels_classes_and_output_shapes(data):
+    paths, labels = data
+    clf = tiny(class_weight="balanced").fit(paths, labels)
+    assert list(clf.classes_) == ["blue", "red"]
+    assert set(clf.predict(paths)) <= {"blue", "red"}
+    proba = clf.predict_proba(paths)
+    assert proba.shape == (16, 2) and np.allclose(proba.sum(1), 1)
+    assert clf.decision_function(paths).shape == (16,)
+    three = np.array(["a", "b", "c", "a"] * 4)
+    assert tiny().fit(paths, three).decision_function(paths).shape == (16, 3)
+
+
+def test_training_separable_classes_reaches_high_accuracy(data):
+    clf = tiny(unfreeze="all", epochs=4, learning_rate=3e-3, augment=False).fit(*data)
+    assert clf.score(*data) >= 0.9
+
+
+def test_augment_false_and_a_callable(data):
+    calls = []
+
+    def geometry(image):
+        calls.append(image.shape)
+        return torch.nn.functional.interpolate(image[None].float(), size=(160, 160))[0].to(torch.uint8)
+
+    tiny(augment=geometry).fit(*data)
+    assert len(calls) == 16
+    tiny(augment=False).fit(*data)
+
+
+def test_warm_start_continues_training(data):
+    clf = tiny(epochs=1, warm_start=True).fit(*data)
+    first = {k: v.clone() for k, v in clf.model_.state_dict().items()}
+    clf.fit(*data)
+    assert len(clf.history_) == 2 and _changed(first, clf.model_)
+    with pytest.raises(ValueError, match="classes changed"):
+        clf.fit(data[0], np.array(["x", "y"] * 8))
+
+
+@pytest.mark.parametrize(
+    "X, y, message",
+    [(["a.jpg"] * 4, ["one"] * 4, "two classes"), (["a.jpg"] * 4, ["x", "y"], "different lengths")],
+)
+def test_bad_training_data_is_refused(X, y, message):
+    with pytest.raises(ValueError, match=message):
+        tiny().fit(X, y)
+
+
+def test_an_unreadable_training_image_is_named(data, tmp_path):
+    paths, labels = data
+    bad = tmp_path / "broken.jpg"
+    bad.write_text("not an image")
+    with pytest.raises(ImageLoadError, match="broken.jpg"):
+        tiny().fit(paths + [str(bad)], list(labels) + ["red"])
+
+
+def test_joblib_round_trip_in_a_fresh_process_predicts_identically(data, tmp_path):
+    paths, labels = data
+    clf = tiny(epochs=2).fit(paths, labels)
+    out = tmp_path / "ft.joblib"
+    joblib.dump(clf, out)
+    loaded = joblib.load(out)
+    assert all(v.device.type == "cpu" for v in loaded.model_.state_dict().values())
+    script = textwrap.dedent(f"""
+        import json, sys, joblib
+        clf = joblib.load({str(out)!r})
+        paths = json.loads(sys.stdin.read())
+        print(json.dumps([clf.predict(paths).tolist(), clf.predict_proba(paths).tolist()]))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], input=json.dumps(paths), capture_output=True,
+                          text=True, check=True)
+    labels_there, proba_there = json.loads(done.stdout)
+    assert labels_there == clf.predict(paths).tolist()
+    # Same weights, same numbers up to float32 summation order (thread counts differ between processes).
+    np.testing.assert_allclose(np.array(proba_there), clf.predict_proba(paths), rtol=0, atol=1e-6)
+
+
+def test_clone_pipeline_and_gridsearch(data):
+    paths, labels = data
+    clf = tiny(unfreeze=1)
+    assert clone(clf).get_params() == clf.get_params()
+    grid = GridSearchCV(make_pipeline(tiny()), {"finetuneclassifier__unfreeze": [0, 1],
+                                                 "finetuneclassifier__learning_rate": [1e-3, 3e-3]}, cv=2)
+    grid.fit(paths, labels)
+    assert len(grid.cv_results_["params"]) == 4
+
+
+def test_init_stores_parameters_only():
+    clf = FineTuneClassifier(unfreeze="not-validated-yet", epochs=-5)
+    assert clf.get_params()["unfreeze"] == "not-validated-yet"
+    with pytest.raises(ValueError):
+        clf.fit(["a.jpg", "b.jpg"], ["x", "y"])
