@@ -20,7 +20,6 @@ import time
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from skltransfer import PretrainedFeatures, load_image_folder

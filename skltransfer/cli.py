@@ -99,11 +99,17 @@ def _demo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _weights(args: argparse.Namespace):
+    value = getattr(args, "weights", "pretrained")
+    return None if value == "none" else value
+
+
 def _features(args: argparse.Namespace, backbone: str | None = None):
     from . import PretrainedFeatures
 
     return PretrainedFeatures(
         backbone=backbone or args.backbone,
+        weights=_weights(args),
         batch_size=args.batch_size,
         device=args.device,
         num_workers=args.workers,
@@ -133,7 +139,17 @@ def _train(args: argparse.Namespace) -> int:
         "mlp": lambda: MLPClassifier(hidden_layer_sizes=(256,), alpha=1e-3, max_iter=500,
                                      early_stopping=len(train_paths) >= 50, random_state=0),
     }
-    model = make_pipeline(_features(args), StandardScaler(), heads[args.head]())
+    if args.head == "finetune":
+        from . import FineTuneClassifier
+
+        unfreeze = args.unfreeze if args.unfreeze == "all" else int(args.unfreeze)
+        model = FineTuneClassifier(
+            backbone=args.backbone, weights=_weights(args), unfreeze=unfreeze, epochs=args.epochs, head_epochs=args.head_epochs,
+            batch_size=args.batch_size, device=args.device, num_workers=args.workers,
+            random_state=0, verbose=not args.quiet,
+        )
+    else:
+        model = make_pipeline(_features(args), StandardScaler(), heads[args.head]())
     say = (lambda *a: None) if args.quiet else print
     say(f"{len(paths)} images, {len(set(labels))} classes; validation: {len(val_paths)} images "
         f"held out by file-name hash ({args.validation_fraction:.0%})")
@@ -143,7 +159,7 @@ def _train(args: argparse.Namespace) -> int:
         print(f"validation accuracy: {accuracy_score(y_val, predicted):.1%} ({len(val_paths)} images)")
         print(classification_report(y_val, predicted, zero_division=0))
     if args.refit:
-        say("refitting on all images (the features come from the cache)")
+        say("refitting on all images" + ("" if args.head == "finetune" else " (the features come from the cache)"))
         model.fit(paths, labels)
     out = Path(args.out).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -322,10 +338,18 @@ def build_parser() -> argparse.ArgumentParser:
                      "validation set chosen by a hash of each file name (it does not move when images are\n"
                      "added); print validation accuracy and a per-class report; save the model.",
                      ["skltransfer train photos/ --out model.joblib",
-                      "skltransfer train photos/ --backbone tf_efficientnet_lite2 --head mlp --refit --out m.joblib"])
+                      "skltransfer train photos/ --backbone tf_efficientnet_lite2 --head mlp --refit --out m.joblib",
+                      "skltransfer train photos/ --head finetune --unfreeze 2 --epochs 10 --out ft.joblib"])
     train.add_argument("image_dir", metavar="IMAGE_DIR")
     train.add_argument("--backbone", default="tf_efficientnet_lite0", help="timm name or torchvision:<name>")
-    train.add_argument("--head", choices=["logistic", "mlp"], default="logistic")
+    train.add_argument("--weights", default="pretrained",
+                       help="pretrained (default), none (random), or a local .pth / .safetensors file")
+    train.add_argument("--head", choices=["logistic", "mlp", "finetune"], default="logistic",
+                       help="logistic / mlp: a head on frozen (cached) features; finetune: "
+                       "FineTuneClassifier, the backbone's last layers trained too")
+    train.add_argument("--unfreeze", default="2", help="finetune: layer groups to train (an int or 'all')")
+    train.add_argument("--epochs", type=int, default=10, help="finetune: epochs with --unfreeze applied")
+    train.add_argument("--head-epochs", type=int, default=1, help="finetune: head-only epochs first")
     train.add_argument("--C", type=float, default=0.5, help="inverse regularisation of the logistic head")
     train.add_argument("--validation-fraction", type=float, default=0.2)
     train.add_argument("--refit", action="store_true", help="after validating, refit on every image")
@@ -355,6 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "skltransfer extract --backbone torchvision:resnet50 photos/ --out f.parquet"])
     extract.add_argument("images", metavar="PATH", nargs="+", help="image files or folders")
     extract.add_argument("--backbone", default="tf_efficientnet_lite0")
+    extract.add_argument("--weights", default="pretrained",
+                         help="pretrained (default), none (random), or a local .pth / .safetensors file")
     extract.add_argument("--out", required=True, help="features.npy or features.parquet")
     extract.add_argument("--chunk-size", type=int, default=512)
     _common(extract)

@@ -45,3 +45,20 @@ def test_help_and_usage_errors_use_exit_code_2():
     assert done.returncode == 0 and "examples:" in done.stdout
     done = subprocess.run([sys.executable, "-m", "skltransfer"], capture_output=True, text=True)
     assert done.returncode == 2
+
+
+def test_train_with_a_finetune_head_then_predict(tmp_path, image_folder):
+    import csv
+
+    out = tmp_path / "ft.joblib"
+    code = main(["train", str(image_folder), "--backbone", "test_efficientnet", "--weights", "none",
+                 "--head", "finetune", "--unfreeze", "1", "--epochs", "1", "--head-epochs", "0",
+                 "--quiet", "--out", str(out)])
+    assert code == 0 and out.exists()
+    from skltransfer import FineTuneClassifier
+
+    assert isinstance(joblib.load(out), FineTuneClassifier)
+    preds = tmp_path / "p.csv"
+    assert main(["predict", str(out), str(image_folder), "--out", str(preds), "--quiet"]) == 0
+    rows = list(csv.DictReader(open(preds)))
+    assert len(rows) == 16 and {r["prediction"] for r in rows} <= {"red", "blue"}
