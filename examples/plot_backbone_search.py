@@ -52,8 +52,15 @@ info = FeatureCache(cache_dir).info()
 print(f"{len(backbones) * len(heads) * 5} fits in {seconds:.0f} s; the cache holds {info['entries']} rows "
       f"= {len(paths)} images x {len(backbones)} backbones")
 
-scores = grid.cv_results_["mean_test_score"].reshape(len(backbones), len(heads))
-errors = grid.cv_results_["std_test_score"].reshape(len(backbones), len(heads))
+# Place each result by its own parameters (ParameterGrid's order is not the one drawn).
+scores = np.zeros((len(backbones), len(heads)))
+errors = np.zeros_like(scores)
+head_names = {id(h): name for name, h in heads.items()}
+for params, mean, std in zip(grid.cv_results_["params"], grid.cv_results_["mean_test_score"],
+                             grid.cv_results_["std_test_score"]):
+    i = backbones.index(params["features__backbone"])
+    j = list(heads).index(head_names[id(params["clf"])])
+    scores[i, j], errors[i, j] = mean, std
 fig, ax = plt.subplots(figsize=(8, 4.5))
 width = 0.8 / len(heads)
 for j, name in enumerate(heads):

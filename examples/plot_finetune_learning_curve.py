@@ -16,6 +16,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
 
 from skltransfer import FineTuneClassifier, load_image_folder
 
@@ -46,6 +47,7 @@ for ax in (loss_ax, acc_ax):
     if clf.head_epochs:
         ax.axvspan(0.5, clf.head_epochs + 0.5, color="tab:orange", alpha=0.1, label="head only")
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend()
 loss_ax.set_ylabel("cross-entropy (label smoothing 0.1)")
 acc_ax.set_ylabel("accuracy")

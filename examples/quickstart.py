@@ -26,6 +26,7 @@ else:
 clf = make_pipeline(PretrainedFeatures(verbose=True), LogisticRegression(max_iter=1000))
 clf.fit(train, y_train)
 print(f"test accuracy: {clf.score(test, y_test):.1%} on {len(test)} images")
-print("first predictions:", list(zip(test[:3], clf.predict(test[:3]))))
+for path, label in zip(test[:3], clf.predict(test[:3])):
+    print(f"  {path} -> {label}")
 joblib.dump(clf, "quickstart.joblib")
 print("saved quickstart.joblib")

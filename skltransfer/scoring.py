@@ -139,7 +139,7 @@ def extract_chunk(features: Any, paths: Sequence[str]) -> tuple[np.ndarray, list
 class _CsvWriter:
     def __init__(self, handle, columns):
         self._handle = handle
-        self._writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
+        self._writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
         self._writer.writeheader()
 
     def write(self, rows):
