@@ -212,13 +212,14 @@ def extract_features(
         pin_memory=device.type == "cuda",
     )
     failures: list[ImageFailure] = []
+    limit = [batch_size]  # lowered for good on out-of-memory
     with tqdm(total=len(items), disable=not verbose, unit="img", desc="features") as progress:
         for indices, batch, batch_failures in loader:
             failures.extend(
                 ImageFailure(i, describe_item(items[i]), reason) for i, reason in batch_failures
             )
             if batch is not None and (keep_going or not failures):
-                features = _forward(backbone, batch, device)
+                features = _forward_within_memory(backbone, batch, device, limit)
                 out[indices] = features
                 if on_batch is not None:
                     on_batch(indices, features)
@@ -226,6 +227,33 @@ def extract_features(
     if failures:
         raise ImageLoadError(failures)
     return out
+
+
+_OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+
+
+def _forward_within_memory(backbone: Backbone, batch: torch.Tensor, device: torch.device,
+                           limit: list[int]) -> np.ndarray:
+    """Forward a batch in slices of at most ``limit[0]`` images, halving it on out-of-memory.
+
+    The lowered limit holds for the rest of the call, so one oversized batch
+    costs one failed attempt, not one per batch. Raises only if a single
+    image does not fit.
+    """
+    rows, start = [], 0
+    while start < len(batch):
+        size = min(limit[0], len(batch) - start)
+        try:
+            rows.append(_forward(backbone, batch[start : start + size], device))
+        except _OUT_OF_MEMORY:
+            if size == 1:
+                raise
+            limit[0] = max(1, size // 2)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            continue
+        start += size
+    return rows[0] if len(rows) == 1 else np.concatenate(rows)
 
 
 def _forward(backbone: Backbone, batch: torch.Tensor, device: torch.device) -> np.ndarray:

@@ -214,3 +214,32 @@ def test_allocator_tuning_can_be_turned_off(monkeypatch):
 
     expected = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
     assert inference.tune_allocator() is expected
+
+
+class _RunsOutOfMemory(torch.nn.Module):
+    """A backbone that 'runs out of memory' above 2 images per forward pass."""
+
+    calls: list = []
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 4, 3, stride=8)
+
+    def forward(self, x):
+        _RunsOutOfMemory.calls.append(x.shape[0])
+        if x.shape[0] > 2:
+            raise torch.OutOfMemoryError("simulated: CUDA out of memory")
+        return self.conv(x)
+
+
+def test_out_of_memory_halves_the_batch_and_never_crashes(image_folder):
+    paths, _ = load_image_folder(image_folder)
+    _RunsOutOfMemory.calls.clear()
+    f = PretrainedFeatures(_RunsOutOfMemory(), batch_size=8, cache=None).fit(paths)
+    _RunsOutOfMemory.calls.clear()
+    halved = f.transform(paths)
+    # 8 fails, 4 fails, then slices of 2 for the rest of the call (no retry at 8 per batch)
+    assert _RunsOutOfMemory.calls[:3] == [8, 4, 2] and max(_RunsOutOfMemory.calls[2:]) == 2
+    expected = PretrainedFeatures(_RunsOutOfMemory(), batch_size=2, cache=None).fit(paths).transform(paths)
+    np.testing.assert_allclose(halved, expected, atol=1e-6)
