@@ -217,7 +217,7 @@ def _extract(args: argparse.Namespace) -> int:
     import numpy as np
     from tqdm.auto import tqdm
 
-    from .scoring import chunked, expand_image_paths, extract_chunk
+    from .scoring import chunked, expand_image_paths, extract_chunk, open_row_writer
 
     paths = list(expand_image_paths(args.images))
     if not paths:
@@ -235,10 +235,8 @@ def _extract(args: argparse.Namespace) -> int:
         matrix = np.lib.format.open_memmap(out.with_suffix(".partial.npy"), mode="w+",
                                            dtype=np.float32, shape=(len(paths), width))
     else:
-        from .scoring import _ParquetWriter
-
         columns = ["path"] + list(features.get_feature_names_out())
-        parquet = _ParquetWriter(out, columns)
+        parquet = open_row_writer(out, columns)
     with tqdm(total=len(paths), disable=args.quiet, unit="img") as progress:
         for chunk in chunked(paths, args.chunk_size):
             rows, good, errors = extract_chunk(features, chunk)

@@ -11,12 +11,12 @@ from __future__ import annotations
 import hashlib
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["IMAGE_EXTENSIONS", "load_image_folder", "stable_train_test_split"]
+__all__ = ["IMAGE_EXTENSIONS", "iter_image_files", "load_image_folder", "stable_train_test_split"]
 
 #: File endings read as images (compared case-insensitively).
 IMAGE_EXTENSIONS = (
@@ -26,6 +26,18 @@ IMAGE_EXTENSIONS = (
 
 def _is_hidden(name: str) -> bool:
     return name.startswith(".") or name.startswith("__")
+
+
+def iter_image_files(
+    folder: str | os.PathLike, extensions: Sequence[str] = IMAGE_EXTENSIONS
+) -> Iterator[str]:
+    """Image files under ``folder``, recursively, in sorted order; hidden files and folders skipped."""
+    wanted = tuple(e.lower() for e in extensions)
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
+        for name in sorted(filenames):
+            if not _is_hidden(name) and name.lower().endswith(wanted):
+                yield os.path.join(dirpath, name)
 
 
 def load_image_folder(
@@ -93,12 +105,7 @@ def load_image_folder(
     labels: list[str] = []
     empty: list[str] = []
     for cls in classes:
-        found = []
-        for dirpath, dirnames, filenames in os.walk(root / cls, followlinks=True):
-            dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
-            for name in sorted(filenames):
-                if not _is_hidden(name) and name.lower().endswith(wanted):
-                    found.append(os.path.join(dirpath, name))
+        found = list(iter_image_files(root / cls, extensions))
         if not found:
             empty.append(cls)
         paths.extend(found)

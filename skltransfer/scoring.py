@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from .datasets import IMAGE_EXTENSIONS, _is_hidden
+from .datasets import iter_image_files
 from .decoding import ImageLoadError
 
 __all__ = [
@@ -36,15 +36,10 @@ def expand_image_paths(sources: Iterable[str | os.PathLike]) -> Iterator[str]:
     Files named explicitly are yielded whatever their ending (a bad one
     becomes an error row); inside folders only image endings count.
     """
-    wanted = tuple(IMAGE_EXTENSIONS)
     for source in sources:
         source = os.fspath(source)
         if os.path.isdir(source):
-            for dirpath, dirnames, filenames in os.walk(source):
-                dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
-                for name in sorted(filenames):
-                    if not _is_hidden(name) and name.lower().endswith(wanted):
-                        yield os.path.join(dirpath, name)
+            yield from iter_image_files(source)
         else:
             yield source
 
@@ -203,7 +198,10 @@ class _ParquetWriter:
 
 
 def open_row_writer(out: str | os.PathLike | None, columns: list[str]):
-    """A writer for prediction rows by the file's ending (.csv, .jsonl, .parquet); None: CSV on stdout."""
+    """A streaming writer for rows (dicts keyed by ``columns``) by the file's ending.
+
+    ``.csv``, ``.jsonl`` or ``.parquet``; ``None``: CSV on stdout.
+    """
     import sys
 
     if out is None:

@@ -320,14 +320,17 @@ def evaluate(model, items, targets, preprocessing, loss_fn, batch_size, device) 
     model.eval()
     loader = DataLoader(_LabelledImages(items, targets, preprocessing.resize_crop), batch_size=batch_size,
                         shuffle=False, collate_fn=_collate)
-    total, correct, seen = 0.0, 0, 0
+    total, correct, seen, bad = 0.0, 0, 0, []
     for batch, target, failures in loader:
-        if failures:
-            raise ImageLoadError([ImageFailure(i, describe_item(items[i]), r) for i, r in failures])
+        bad += failures
+        if bad or batch is None:
+            continue  # keep scanning: one error lists every bad validation image
         x = preprocessing.normalize(batch.to(device)).contiguous(memory_format=torch.channels_last)
         target = target.to(device)
         logits = model(x).float()
         total += loss_fn(logits, target).item() * len(target)
         correct += (logits.argmax(1) == target).sum().item()
         seen += len(target)
+    if bad:
+        raise ImageLoadError([ImageFailure(i, describe_item(items[i]), r) for i, r in sorted(bad)])
     return {"valid_loss": total / max(seen, 1), "valid_accuracy": correct / max(seen, 1)}

@@ -203,3 +203,18 @@ def test_init_stores_parameters_only():
     assert clf.get_params()["unfreeze"] == "not-validated-yet"
     with pytest.raises(ValueError):
         clf.fit(["a.jpg", "b.jpg"], ["x", "y"])
+
+
+def test_validation_lists_every_bad_image(data, tmp_path):
+    from skltransfer.training import evaluate
+
+    paths, labels = data
+    clf = tiny().fit(paths, labels)
+    bad = [str(tmp_path / "gone.jpg"), str(tmp_path / "empty.jpg")]
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    items = paths[:3] + [bad[0]] + paths[3:12] + [bad[1]]  # the bad ones in different batches
+    targets = np.zeros(len(items), dtype=int)
+    with pytest.raises(ImageLoadError) as info:
+        evaluate(clf.model_, items, targets, clf.preprocessing_, torch.nn.CrossEntropyLoss(), 4,
+                 torch.device("cpu"))
+    assert [f.index for f in info.value.failures] == [3, 13]
