@@ -35,6 +35,7 @@ from typing import Any, Union
 import torch
 from torch import nn
 
+from .fusion import fold_batchnorm
 from .preprocessing import Preprocessing
 
 __all__ = [
@@ -285,7 +286,10 @@ def shared_backbone(
     keyed by its path, size and modification time, so an edited file is
     reloaded. A module is keyed by its class, architecture and weight
     digest, so the copies that ``clone`` makes share one build. The registry
-    keeps the 4 most recently used models.
+    keeps the 4 most recently used models. They are inference-only: in
+    timm and torchvision models, BatchNorms are folded into the convolutions before them
+    (:func:`skltransfer.fusion.fold_batchnorm`); ``weights_digest`` is that of
+    the weights as loaded.
 
     Examples
     --------
@@ -308,6 +312,11 @@ def shared_backbone(
         base = table.get(cpu_key)
         if base is None:
             base = load_backbone(backbone, weights, pooling, layers=layers, tta=tta)
+            # Registry models only ever compute features: fold BatchNorm into
+            # the convolutions (the digest above is of the weights as loaded).
+            # Not a user's module: tracing would run its forward, side effects and all.
+            if not isinstance(backbone, nn.Module):
+                fold_batchnorm(base.model)
             _remember(table, cpu_key, base)
         if str(device) == "cpu":
             return base

@@ -79,9 +79,9 @@ class PretrainedFeatures(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
         ``"flip"`` averages the features of each image and its mirror image
         (twice the compute).
     batch_size : int or "auto", default="auto"
-        Images per forward pass. ``"auto"``: 8 on CPU (larger batches are
-        slower there: their activations fall out of the allocator's cache),
-        64 on CUDA.
+        Images per forward pass. ``"auto"``: on CPU, 6 at 224 x 224 (fewer
+        for larger inputs: larger batches are slower there, their
+        activations fall out of the CPU's caches), 64 on CUDA.
     device : str, default="auto"
         ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"`` or
         ``"cuda:N"``. Resolved at transform time, so a model fitted on a GPU
@@ -224,7 +224,7 @@ class PretrainedFeatures(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
         device = resolve_device(self.device)
         backbone = self._backbone(device)
         run = dict(
-            batch_size=resolve_batch_size(self.batch_size, device),
+            batch_size=resolve_batch_size(self.batch_size, device, backbone.preprocessing.input_size),
             device=device,
             num_workers=self.num_workers,
             verbose=self.verbose,

@@ -89,7 +89,8 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
     validation_fraction : float, default=0.1
     n_iter_no_change : int, default=3
     batch_size : int or "auto", default="auto"
-        Images per step (32 on CPU, 64 on CUDA).
+        Images per training step (32 on CPU, 64 on CUDA); prediction uses
+        :class:`PretrainedFeatures`' choice (6 at 224 x 224 on CPU).
     device : str, default="auto"
     num_workers : int, default=0
         Decoding processes.
@@ -310,7 +311,8 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
         device = resolve_device(self.device)
         model = self.model_ if device.type == "cpu" else copy.deepcopy(self.model_).to(device)
         runner = Backbone(self.backbone, model.eval(), self.preprocessing_, len(self.classes_), "")
-        return extract_features(runner, items, batch_size=resolve_batch_size(self.batch_size, device),
+        batch_size = resolve_batch_size(self.batch_size, device, self.preprocessing_.input_size)
+        return extract_features(runner, items, batch_size=batch_size,
                                 device=device, num_workers=self.num_workers)
 
     # -- persistence: weights as CPU tensors, the module rebuilt on load -----------------

@@ -28,23 +28,36 @@ from .preprocessing import Preprocessing
 
 __all__ = ["all_cores", "extract_features", "resolve_batch_size", "resolve_device"]
 
-#: ``batch_size="auto"``: small batches on CPU keep activations inside the
-#: allocator's cached memory (large ones spend much of their time in page
-#: faults with glibc's malloc); large ones on CUDA keep the GPU busy.
-AUTO_BATCH_SIZE = {"cpu": 8, "cuda": 64}
+#: ``batch_size="auto"`` on CUDA: large batches keep the GPU busy.
+AUTO_CUDA_BATCH_SIZE = 64
+#: ``batch_size="auto"`` on CPU: images per batch = this many pixels / image
+#: pixels (6 at 224 x 224). Small batches keep activations in the CPU's
+#: caches and the allocator's reused memory: EfficientNet-Lite0 on 2 cores
+#: runs 126-142 images/s at batch 4-6, 105 at 8-16, 80 at 32.
+AUTO_CPU_PIXELS = 6 * 224 * 224
+AUTO_CPU_MAX_BATCH = 16
 
 
-def resolve_batch_size(batch_size: int | str, device: torch.device) -> int:
-    """``"auto"`` picks a batch size for the device; an int is returned as is.
+def resolve_batch_size(
+    batch_size: int | str, device: torch.device, input_size: tuple[int, int] = (224, 224)
+) -> int:
+    """``"auto"`` picks a batch size for the device and input size; an int is returned as is.
 
     Examples
     --------
     >>> resolve_batch_size("auto", torch.device("cpu"))
-    8
+    6
+    >>> resolve_batch_size("auto", torch.device("cpu"), (320, 320))
+    2
+    >>> resolve_batch_size(32, torch.device("cpu"))
+    32
     """
-    if batch_size == "auto":
-        return AUTO_BATCH_SIZE.get(device.type, AUTO_BATCH_SIZE["cpu"])
-    return int(batch_size)
+    if batch_size != "auto":
+        return int(batch_size)
+    if device.type == "cuda":
+        return AUTO_CUDA_BATCH_SIZE
+    height, width = input_size
+    return max(1, min(AUTO_CPU_MAX_BATCH, AUTO_CPU_PIXELS // (height * width)))
 
 
 _ALLOCATOR_TUNED = False
