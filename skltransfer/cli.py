@@ -112,6 +112,7 @@ def _features(args: argparse.Namespace, backbone: str | None = None):
         weights=_weights(args),
         batch_size=args.batch_size,
         device=args.device,
+        precision=args.precision or "auto",
         num_workers=args.workers,
         verbose=not args.quiet,
         cache=None if args.no_cache else (args.cache_dir or "auto"),
@@ -185,6 +186,8 @@ def _configure_loaded(model, args: argparse.Namespace) -> None:
         if isinstance(step, PretrainedFeatures):
             step.set_params(device=args.device, batch_size=args.batch_size, num_workers=args.workers,
                             verbose=False, cache=None if args.no_cache else (args.cache_dir or step.cache))
+            if args.precision is not None:
+                step.set_params(precision=args.precision)
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -305,6 +308,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("common options")
     group.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N")
     group.add_argument("--batch-size", type=_batch_size, default="auto", help="images per forward pass")
+    group.add_argument("--precision", choices=["auto", "float32", "bfloat16", "float16"],
+                       help="forward-pass precision of the features (default auto: float32 on CPU, "
+                            "16-bit on CUDA; predict: the model's own)")
     group.add_argument("--workers", type=int, default=0, help="image decoding processes (default 0)")
     group.add_argument("--cache-dir", help="feature cache folder (default: $SKLTRANSFER_CACHE_DIR "
                        "or ~/.cache/skltransfer)")

@@ -26,7 +26,7 @@ from .backbones import Backbone
 from .decoding import ImageFailure, ImageItem, ImageLoadError, describe_item, try_decode_rgb
 from .preprocessing import Preprocessing
 
-__all__ = ["all_cores", "extract_features", "resolve_batch_size", "resolve_device"]
+__all__ = ["PRECISIONS", "all_cores", "extract_features", "resolve_batch_size", "resolve_device", "resolve_precision"]
 
 #: ``batch_size="auto"`` on CUDA: large batches keep the GPU busy.
 AUTO_CUDA_BATCH_SIZE = 64
@@ -141,6 +141,33 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return resolved
 
 
+#: Precisions a forward pass can run in: float32, or autocast to a 16-bit type.
+PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``"auto"``: float32 on CPU; on CUDA bfloat16 where supported, else float16.
+
+    16-bit autocast doubles CUDA tensor-core throughput and halves activation
+    memory; on CPUs without native bfloat16 it is many times slower, so CPU
+    stays in float32 unless asked.
+
+    Examples
+    --------
+    >>> resolve_precision("auto", torch.device("cpu"))
+    'float32'
+    >>> resolve_precision("bfloat16", torch.device("cpu"))
+    'bfloat16'
+    """
+    if precision == "auto":
+        if device.type != "cuda":
+            return "float32"
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be 'auto' or one of {sorted(PRECISIONS)}, got {precision!r}")
+    return precision
+
+
 class _PreprocessedImages(Dataset):
     """Item ``i`` -> ``(i, uint8 (3, H, W) or None, failure reason or None)``."""
 
@@ -176,6 +203,7 @@ def extract_features(
     verbose: bool = False,
     on_batch: Callable[[list[int], np.ndarray], None] | None = None,
     keep_going: bool = False,
+    precision: str = "float32",
 ) -> np.ndarray:
     """Compute one feature row per item.
 
@@ -198,6 +226,9 @@ def extract_features(
     keep_going : bool
         After a bad image, go on computing the good ones (so that ``on_batch``
         can keep them, in a cache say) instead of only decoding the rest.
+    precision : {"float32", "bfloat16", "float16"}
+        The forward pass's precision (16-bit: ``torch.autocast``); features
+        are returned as float32 either way.
 
     Returns
     -------
@@ -211,6 +242,7 @@ def extract_features(
     from tqdm.auto import tqdm
 
     device = torch.device(device)
+    dtype = PRECISIONS[precision]
     if device.type == "cpu":
         tune_allocator()
     out = np.empty((len(items), backbone.num_features), dtype=np.float32)
@@ -232,7 +264,7 @@ def extract_features(
                 ImageFailure(i, describe_item(items[i]), reason) for i, reason in batch_failures
             )
             if batch is not None and (keep_going or not failures):
-                features = _forward_within_memory(backbone, batch, device, limit)
+                features = _forward_within_memory(backbone, batch, device, limit, dtype)
                 out[indices] = features
                 if on_batch is not None:
                     on_batch(indices, features)
@@ -246,7 +278,7 @@ _OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
 
 def _forward_within_memory(backbone: Backbone, batch: torch.Tensor, device: torch.device,
-                           limit: list[int]) -> np.ndarray:
+                           limit: list[int], dtype: torch.dtype = torch.float32) -> np.ndarray:
     """Forward a batch in slices of at most ``limit[0]`` images, halving it on out-of-memory.
 
     The lowered limit holds for the rest of the call, so one oversized batch
@@ -257,7 +289,7 @@ def _forward_within_memory(backbone: Backbone, batch: torch.Tensor, device: torc
     while start < len(batch):
         size = min(limit[0], len(batch) - start)
         try:
-            rows.append(_forward(backbone, batch[start : start + size], device))
+            rows.append(_forward(backbone, batch[start : start + size], device, dtype))
         except _OUT_OF_MEMORY:
             if size == 1:
                 raise
@@ -269,8 +301,10 @@ def _forward_within_memory(backbone: Backbone, batch: torch.Tensor, device: torc
     return rows[0] if len(rows) == 1 else np.concatenate(rows)
 
 
-def _forward(backbone: Backbone, batch: torch.Tensor, device: torch.device) -> np.ndarray:
-    with torch.inference_mode():
+def _forward(backbone: Backbone, batch: torch.Tensor, device: torch.device,
+             dtype: torch.dtype = torch.float32) -> np.ndarray:
+    reduced = dtype != torch.float32
+    with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=reduced):
         x = backbone.preprocessing.normalize(batch.to(device, non_blocking=True))
         x = x.contiguous(memory_format=torch.channels_last)
         return backbone.model(x).float().cpu().numpy()

@@ -62,3 +62,110 @@ def test_train_with_a_finetune_head_then_predict(tmp_path, image_folder):
     assert main(["predict", str(out), str(image_folder), "--out", str(preds), "--quiet"]) == 0
     rows = list(csv.DictReader(open(preds)))
     assert len(rows) == 16 and {r["prediction"] for r in rows} <= {"red", "blue"}
+
+
+@pytest.fixture
+def trained_model(tmp_path, image_folder):
+    out = tmp_path / "model.joblib"
+    code = main(["train", str(image_folder), "--backbone", "test_efficientnet", "--weights", "none",
+                 "--quiet", "--out", str(out), "--refit"])
+    assert code == 0
+    return out
+
+
+def test_train_saves_a_pipeline_that_predicts_its_classes(trained_model, image_folder):
+    from skltransfer import load_image_folder
+
+    paths, labels = load_image_folder(image_folder)
+    model = joblib.load(trained_model)
+    assert list(model.classes_) == ["blue", "red"]
+    assert (model.predict(paths) == labels).mean() > 0.9
+
+
+def test_predict_writes_one_row_per_image_and_exits_3_on_unreadable_ones(trained_model, image_folder, tmp_path):
+    import csv
+
+    bad = image_folder / "red" / "broken.jpg"
+    bad.write_bytes(b"not a jpeg")
+    preds = tmp_path / "preds.csv"
+    code = main(["predict", str(trained_model), str(image_folder), "--top-k", "2", "--chunk-size", "5",
+                 "--out", str(preds), "--quiet"])
+    assert code == 3  # finished, some images unreadable
+    rows = list(csv.DictReader(open(preds, newline="")))
+    assert len(rows) == 17
+    broken = [r for r in rows if r["path"].endswith("broken.jpg")]
+    assert len(broken) == 1 and broken[0]["error"] and not broken[0]["prediction"]
+    good = [r for r in rows if not r["error"]]
+    assert all({r["prediction"], r["prediction_2"]} == {"red", "blue"} for r in good)
+    assert all(float(r["probability"]) >= float(r["probability_2"]) for r in good)
+    assert sum(r["prediction"] == r["path"].split("/")[-2] for r in good) >= 15
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_predict_to_jsonl_and_parquet(trained_model, image_folder, tmp_path, suffix):
+    import pandas as pd
+
+    out = tmp_path / f"preds{suffix}"
+    assert main(["predict", str(trained_model), str(image_folder), "--out", str(out), "--quiet"]) == 0
+    table = pd.read_json(out, lines=True) if suffix == ".jsonl" else pd.read_parquet(out)
+    assert len(table) == 16 and set(table["prediction"]) <= {"red", "blue"}
+
+
+def test_predict_applies_the_precision_flag_and_otherwise_keeps_the_models(trained_model, image_folder, tmp_path):
+    from skltransfer.cli import _configure_loaded, build_parser
+
+    model = joblib.load(trained_model)
+    _configure_loaded(model, build_parser().parse_args(["predict", str(trained_model), "x"]))
+    assert model[0].precision == "auto"
+    _configure_loaded(model, build_parser().parse_args(["predict", str(trained_model), "x", "--precision", "bfloat16"]))
+    assert model[0].precision == "bfloat16"
+    out = tmp_path / "p.csv"
+    assert main(["predict", str(trained_model), str(image_folder), "--precision", "bfloat16",
+                 "--out", str(out), "--quiet"]) == 0
+
+
+def test_extract_to_npy_with_paths_and_to_parquet(image_folder, tmp_path):
+    import numpy as np
+    import pandas as pd
+
+    from skltransfer import PretrainedFeatures, load_image_folder
+
+    paths, _ = load_image_folder(image_folder)
+    expected = PretrainedFeatures("test_efficientnet", weights=None).fit_transform(paths)
+    (image_folder / "blue" / "empty.jpg").write_bytes(b"")
+    args = ["--backbone", "test_efficientnet", "--weights", "none", "--quiet", "--chunk-size", "6"]
+    npy = tmp_path / "f.npy"
+    assert main(["extract", str(image_folder), "--out", str(npy), *args]) == 3
+    kept = npy.with_suffix(".paths.txt").read_text().splitlines()
+    assert sorted(kept) == sorted(paths)  # the empty file is left out, everything else kept
+    order = [paths.index(p) for p in kept]
+    np.testing.assert_allclose(np.load(npy), expected[order], rtol=1e-5, atol=1e-6)
+
+    parquet = tmp_path / "f.parquet"
+    assert main(["extract", str(image_folder), "--out", str(parquet), *args]) == 3
+    table = pd.read_parquet(parquet)
+    assert sorted(table["path"]) == sorted(paths) and table.shape[1] == 1 + expected.shape[1]
+
+
+def test_cache_info_and_clear(image_folder, tmp_path, capsys):
+    cache = tmp_path / "cache"
+    assert main(["extract", str(image_folder), "--out", str(tmp_path / "f.npy"), "--backbone",
+                 "test_efficientnet", "--weights", "none", "--quiet", "--cache-dir", str(cache)]) == 0
+    capsys.readouterr()
+    assert main(["cache", "info", "--cache-dir", str(cache)]) == 0
+    assert "entries:        16 (1 feature configurations)" in capsys.readouterr().out
+    assert main(["cache", "clear", "--cache-dir", str(cache)]) == 0
+    main(["cache", "info", "--cache-dir", str(cache)])
+    assert "entries:        0 " in capsys.readouterr().out
+
+
+def test_backbones_lists_the_packaged_offline_weights(capsys):
+    assert main(["backbones"]) == 0
+    listing = capsys.readouterr().out
+    for name in ("tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2"):
+        assert any(line.startswith(name) and " yes " in line for line in listing.splitlines())
+
+
+def test_missing_model_file_is_exit_code_1(tmp_path, image_folder, capsys):
+    assert main(["predict", str(tmp_path / "nope.joblib"), str(image_folder)]) == 1
+    assert "nope.joblib" in capsys.readouterr().err

@@ -189,7 +189,7 @@ def test_several_bad_images_are_listed_in_one_error(image_folder, tmp_path):
 @pytest.mark.parametrize(
     "params, message",
     [({"pooling": "median"}, "pooling"), ({"batch_size": 0}, "batch_size"),
-     ({"device": "tpu"}, "device"), ({"backbone": 3}, "backbone")],
+     ({"device": "tpu"}, "device"), ({"backbone": 3}, "backbone"), ({"precision": "int8"}, "precision")],
 )
 def test_invalid_parameters_are_refused_at_fit(image_folder, params, message):
     paths, _ = load_image_folder(image_folder)
