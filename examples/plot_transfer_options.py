@@ -1,10 +1,11 @@
 """Which feature options transfer best to small images? A grid search, made cheap by the cache.
 
-    python examples/plot_transfer_options.py [--per-class 30] [--out transfer_options.png]
+    python examples/plot_transfer_options.py [--per-class 30] [--backbones tf_efficientnet_lite0 ...]
+                                             [--out transfer_options.png]
 
-GridSearchCV over crop x layers x tta and the head's C on a CIFAR-10 sample
+GridSearchCV over backbone x crop x layers x tta and the head's C on a CIFAR-10 sample
 (../shared/data/cifar10-dev/train, 32 px images). Every (image, options) pair goes
-through the backbone once and lands in the feature cache: the 4 C values and the
+through the backbone once and lands in the feature cache: the 3 C values and the
 3 folds reuse it, and a second run of this script computes nothing. Draws the
 cross-validated accuracy of each feature option (best C) as bars.
 Needs matplotlib (pip install skltransfer[examples]).
@@ -31,6 +32,8 @@ parser = argparse.ArgumentParser()
 parser.add_argument("--data", type=Path,
                     default=Path(__file__).resolve().parents[2] / "shared/data/cifar10-dev/train")
 parser.add_argument("--per-class", type=int, default=30)
+parser.add_argument("--backbones", nargs="+", default=["tf_efficientnet_lite0", "tf_efficientnet_lite2"],
+                    help="packaged (offline) by default: Lite0 at 224 px, Lite2 at 260 px")
 parser.add_argument("--out", default="transfer_options.png")
 args = parser.parse_args()
 
@@ -41,6 +44,7 @@ paths, labels = [paths[i] for i in keep], labels[keep]
 pipe = Pipeline([("features", PretrainedFeatures()), ("scale", StandardScaler()),
                  ("clf", LogisticRegression(max_iter=3000))])
 grid = GridSearchCV(pipe, {
+    "features__backbone": args.backbones,
     "features__crop": ["center", "none"],
     "features__layers": ["final", [-3, -2, -1]],
     "features__tta": [None, "flip"],
@@ -55,15 +59,15 @@ computed = FeatureCache().info()["entries"] - before
 results = pd.DataFrame(grid.cv_results_["params"])
 results["score"] = grid.cv_results_["mean_test_score"]
 results["options"] = [
-    f"crop={p['features__crop']}\nlayers={'final' if p['features__layers'] == 'final' else '3 maps'}"
+    f"{p['features__backbone'].replace('tf_efficientnet_', '')} crop={p['features__crop']}\nlayers={'final' if p['features__layers'] == 'final' else '3 maps'}"
     f"\ntta={p['features__tta']}" for p in grid.cv_results_["params"]
 ]
 best = results.groupby("options", sort=False)["score"].max().sort_values()
 
-fig, ax = plt.subplots(figsize=(9, 5))
+fig, ax = plt.subplots(figsize=(9, 1 + 0.55 * len(best)))
 ax.barh(best.index, best.values, color=["tab:green" if v == best.max() else "tab:blue" for v in best.values])
 ax.set_xlim(max(0.0, best.min() - 0.1), min(1.0, best.max() + 0.05))
-ax.set_xlabel(f"3-fold CV accuracy (best C), {len(paths)} CIFAR-10 images, tf_efficientnet_lite0")
+ax.set_xlabel(f"3-fold CV accuracy (best C), {len(paths)} CIFAR-10 images")
 ax.set_title(f"{len(results)} candidates x 3 folds in {seconds:.0f} s; {computed} new feature rows computed")
 fig.tight_layout()
 fig.savefig(args.out, dpi=110)
