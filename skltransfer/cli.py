@@ -185,9 +185,8 @@ def _configure_loaded(model, args: argparse.Namespace) -> None:
     for _, step in steps:
         if isinstance(step, PretrainedFeatures):
             step.set_params(device=args.device, batch_size=args.batch_size, num_workers=args.workers,
-                            verbose=False, cache=None if args.no_cache else (args.cache_dir or step.cache))
-            if args.precision is not None:
-                step.set_params(precision=args.precision)
+                            precision=args.precision or step.precision, verbose=False,
+                            cache=None if args.no_cache else (args.cache_dir or step.cache))
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -304,6 +303,12 @@ def _batch_size(value: str):
     return value if value == "auto" else int(value)
 
 
+def _backbone_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backbone", default="tf_efficientnet_lite0", help="timm name or torchvision:<name>")
+    parser.add_argument("--weights", default="pretrained",
+                        help="pretrained (default), none (random), or a local .pth / .safetensors file")
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("common options")
     group.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N")
@@ -345,9 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
                       "skltransfer train photos/ --backbone tf_efficientnet_lite2 --head mlp --refit --out m.joblib",
                       "skltransfer train photos/ --head finetune --unfreeze 2 --epochs 10 --out ft.joblib"])
     train.add_argument("image_dir", metavar="IMAGE_DIR")
-    train.add_argument("--backbone", default="tf_efficientnet_lite0", help="timm name or torchvision:<name>")
-    train.add_argument("--weights", default="pretrained",
-                       help="pretrained (default), none (random), or a local .pth / .safetensors file")
+    _backbone_options(train)
     train.add_argument("--head", choices=["logistic", "mlp", "finetune"], default="logistic",
                        help="logistic / mlp: a head on frozen (cached) features; finetune: "
                        "FineTuneClassifier, the backbone's last layers trained too")
@@ -382,9 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
                        ["skltransfer extract photos/ --out features.npy",
                         "skltransfer extract --backbone torchvision:resnet50 photos/ --out f.parquet"])
     extract.add_argument("images", metavar="PATH", nargs="+", help="image files or folders")
-    extract.add_argument("--backbone", default="tf_efficientnet_lite0")
-    extract.add_argument("--weights", default="pretrained",
-                         help="pretrained (default), none (random), or a local .pth / .safetensors file")
+    _backbone_options(extract)
     extract.add_argument("--out", required=True, help="features.npy or features.parquet")
     extract.add_argument("--chunk-size", type=int, default=512)
     _common(extract)
