@@ -3,7 +3,8 @@
 Prints images/s for:
   raw          the model alone on pre-decoded, pre-normalised tensors at our settings
                (BatchNorm folded, channels_last, batch_size="auto", tuned allocator);
-               also the model as loaded (BatchNorm kept) at batch 8, the previous default;
+               also the model as loaded (BatchNorm kept) at batch 8, the previous default,
+               and the folded model at batch sizes 2 to 32;
   ours         PretrainedFeatures end to end from JPEG files (cache off), for num_workers 0, 1, 2;
   loop         the tutorials' per-image loop: PIL open, timm's eval transform, model(x[None])
                on a plain eager timm model, in a fresh process (glibc's defaults, as a
@@ -43,10 +44,10 @@ def peak_rss_mb() -> float:
     return max(own, children) / 1024
 
 
-def raw_throughput(name: str, paths: list[str], folded: bool = True) -> float:
+def raw_throughput(name: str, paths: list[str], folded: bool = True, batch_size: int | None = None) -> float:
     backbone = shared_backbone(name) if folded else load_backbone(name)
     tune_allocator()
-    bs = resolve_batch_size("auto", torch.device("cpu"), backbone.preprocessing.input_size) if folded else 8
+    bs = batch_size or resolve_batch_size("auto", torch.device("cpu"), backbone.preprocessing.input_size)
     pixels = torch.stack([backbone.preprocessing.resize_crop(decode_rgb(p)) for p in paths])
     batches = [backbone.preprocessing.normalize(pixels[i : i + bs]).contiguous(memory_format=torch.channels_last)
                for i in range(0, len(pixels), bs)]
@@ -108,7 +109,7 @@ def main() -> None:
     with multiprocessing.get_context("spawn").Pool(1) as fresh:
         loop = fresh.apply(loop_throughput, (args.backbone, paths[: args.loop_images]))
     print(f"per-image loop     {loop:7.1f} images/s (fresh process)", flush=True)
-    unfolded = raw_throughput(args.backbone, paths[: len(paths) // args.repeat], folded=False)
+    unfolded = raw_throughput(args.backbone, paths[: len(paths) // args.repeat], folded=False, batch_size=8)
     print(f"raw model as loaded, batch 8 {unfolded:7.1f} images/s", flush=True)
     raw = raw_throughput(args.backbone, paths[: len(paths) // args.repeat])
     print(f"raw model          {raw:7.1f} images/s (BatchNorm folded, batch_size='auto')", flush=True)
@@ -123,7 +124,12 @@ def main() -> None:
     print(f"ours (num_workers={best}) / raw = {ours[best] / raw:.2f}x (goal >= 0.85); "
           f"/ ceiling = {ours[best] / ceiling:.2f}x; "
           f"ours / per-image loop = {ours[best] / loop:.1f}x (goal >= 3)")
-    print(f"peak RSS {peak_rss_mb():.0f} MB")
+    print(f"peak RSS {peak_rss_mb():.0f} MB (before the batch sweep)", flush=True)
+    sweep = {bs: raw_throughput(args.backbone, paths[: len(paths) // args.repeat], batch_size=bs)
+             for bs in (2, 4, 6, 8, 16, 32)}
+    print("raw model by batch size (what batch_size='auto' rests on): "
+          + ", ".join(f"{bs}: {rate:.0f}" for bs, rate in sweep.items()) + " images/s", flush=True)
+
 
 
 if __name__ == "__main__":
