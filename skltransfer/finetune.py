@@ -8,7 +8,6 @@ optimisation, :func:`~skltransfer.inference.extract_features` for predictions.
 
 from __future__ import annotations
 
-import copy
 import os
 from numbers import Integral, Real
 from typing import Any
@@ -24,6 +23,7 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted
 from .backbones import Backbone, build_classifier_architecture, load_classifier, weights_digest
 from .decoding import as_image_items
+from .fusion import forget_inference_copies, inference_copy
 from .inference import extract_features, resolve_batch_size, resolve_device
 from .training import TrainingPlan, train_classifier, training_augmentation
 
@@ -107,7 +107,11 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
     classes_ : ndarray
         Class labels, in the order of ``predict_proba``'s columns.
     model_ : torch.nn.Module
-        The fine-tuned network (eval mode).
+        The fine-tuned network (eval mode). Predictions run a copy of it with
+        BatchNorm folded into the convolutions, made on the first prediction
+        after ``fit`` (:func:`skltransfer.fusion.inference_copy`): after
+        changing ``model_``'s weights by hand, call
+        :func:`skltransfer.fusion.forget_inference_copies` on it.
     preprocessing_ : Preprocessing
         Eval resize, crop and normalisation.
     history_ : list of dict
@@ -277,6 +281,7 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
             history = train_classifier(model, classifier, self.unfreeze, train_items, train_targets,
                                        preprocessing, augment, plan, device, validation)
         self.model_ = model.to("cpu") if device.type != "cpu" else model
+        forget_inference_copies(self.model_)  # warm_start trained the same module further
         self.preprocessing_ = preprocessing
         self.classifier_ = classifier
         self.classes_ = classes
@@ -309,8 +314,9 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
         check_is_fitted(self)
         items = as_image_items(X)
         device = resolve_device(self.device)
-        model = self.model_ if device.type == "cpu" else copy.deepcopy(self.model_).to(device)
-        runner = Backbone(self.backbone, model.eval(), self.preprocessing_, len(self.classes_), "")
+        # A copy with BatchNorm folded into the convolutions, made once per fitted model and device.
+        model = inference_copy(self.model_, device)
+        runner = Backbone(self.backbone, model, self.preprocessing_, len(self.classes_), "")
         batch_size = resolve_batch_size(self.batch_size, device, self.preprocessing_.input_size)
         return extract_features(runner, items, batch_size=batch_size,
                                 device=device, num_workers=self.num_workers)

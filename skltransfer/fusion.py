@@ -16,11 +16,15 @@ traced is left as it is.
 
 from __future__ import annotations
 
+import copy
+import threading
+import weakref
+
 import torch
 from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
-__all__ = ["fold_batchnorm"]
+__all__ = ["fold_batchnorm", "forget_inference_copies", "inference_copy"]
 
 
 def fold_batchnorm(model: nn.Module) -> int:
@@ -56,6 +60,56 @@ def fold_batchnorm(model: nn.Module) -> int:
     if model.training:
         raise ValueError("fold_batchnorm needs a model in eval mode: training updates BatchNorm statistics")
     return _fold_traceable(model)
+
+
+# model -> {device: its folded copy there}; an entry goes when its model does.
+_COPIES: weakref.WeakKeyDictionary[nn.Module, dict[str, nn.Module]] = weakref.WeakKeyDictionary()
+_COPIES_LOCK = threading.Lock()
+
+
+def inference_copy(model: nn.Module, device: str | torch.device = "cpu") -> nn.Module:
+    """A folded, eval-mode, gradient-free copy of ``model`` on ``device``, made once.
+
+    For a model that is still trained between predictions (a fine-tuned
+    classifier): ``model`` itself is left as it is, and the copy is kept for
+    as long as ``model`` lives, so repeated predictions pay for the copy and
+    the fold once. The copy holds the weights ``model`` had when it was made:
+    after changing them, call :func:`forget_inference_copies`.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The source model; it may be in training mode.
+    device : str or torch.device
+        Where the copy lives.
+
+    Returns
+    -------
+    torch.nn.Module
+
+    Examples
+    --------
+    >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8))
+    >>> fast = inference_copy(net)
+    >>> type(fast[1]).__name__, type(net[1]).__name__
+    ('Identity', 'BatchNorm2d')
+    >>> inference_copy(net) is fast
+    True
+    """
+    key = str(torch.device(device))
+    with _COPIES_LOCK:
+        copies = _COPIES.setdefault(model, {})
+        if key not in copies:
+            fast = copy.deepcopy(model).eval().requires_grad_(False)
+            fold_batchnorm(fast)
+            copies[key] = fast.to(device)
+        return copies[key]
+
+
+def forget_inference_copies(model: nn.Module) -> None:
+    """Drop the copies :func:`inference_copy` made of ``model`` (call after changing its weights)."""
+    with _COPIES_LOCK:
+        _COPIES.pop(model, None)
 
 
 class _StopAtConvAndNorm(fx.Tracer):

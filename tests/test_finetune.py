@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 import subprocess
 import sys
 import textwrap
@@ -148,6 +149,18 @@ def test_warm_start_continues_training(data):
     assert len(clf.history_) == 2 and _changed(first, clf.model_)
     with pytest.raises(ValueError, match="classes changed"):
         clf.fit(data[0], np.array(["x", "y"] * 8))
+
+
+def test_predictions_follow_further_training_and_match_a_reloaded_model(data):
+    paths, labels = data
+    clf = tiny(epochs=1, warm_start=True).fit(paths, labels)
+    first = clf.predict_proba(paths)
+    clf.fit(paths, labels)  # trains the same module further
+    second = clf.predict_proba(paths)
+    assert np.abs(second - first).max() > 1e-4
+    # A reloaded model has no folded copy yet: it predicts from the weights as trained.
+    reloaded = pickle.loads(pickle.dumps(clf))
+    np.testing.assert_allclose(reloaded.predict_proba(paths), second, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize(

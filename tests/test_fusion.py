@@ -9,7 +9,7 @@ from torch import nn
 
 from skltransfer import PretrainedFeatures
 from skltransfer.backbones import load_backbone, shared_backbone
-from skltransfer.fusion import fold_batchnorm
+from skltransfer.fusion import fold_batchnorm, forget_inference_copies, inference_copy
 
 from _support import TINY, make_image
 
@@ -84,3 +84,30 @@ def test_feature_model_is_folded_and_computes_the_features_of_the_model_as_loade
         reference = loaded.model(loaded.preprocessing.normalize(pixels)).numpy()
     cosine = (features * reference).sum(1) / (np.linalg.norm(features, axis=1) * np.linalg.norm(reference, axis=1))
     assert cosine.min() > 0.99999
+
+
+def test_inference_copy_is_folded_made_once_and_leaves_the_source_alone():
+    source = load_backbone(TINY, weights=None).model
+    _randomise_statistics(source)
+    source.train()  # a model still being trained, as FineTuneClassifier's is between fits
+    n_norms = _batchnorms(source)
+    x = torch.randn(2, 3, 160, 160)
+
+    fast = inference_copy(source)
+    assert fast is inference_copy(source) and fast is not source
+    assert _batchnorms(fast) == 0 and not fast.training
+    assert source.training and _batchnorms(source) == n_norms
+    with torch.inference_mode():
+        expected = source.eval()(x)
+        torch.testing.assert_close(fast(x), expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+
+    # New weights: the old copy is stale until forgotten, then a fresh one has them.
+    with torch.no_grad():
+        for parameter in source.parameters():
+            parameter.mul_(0.5)
+    forget_inference_copies(source)
+    fresh = inference_copy(source)
+    assert fresh is not fast
+    with torch.inference_mode():
+        expected = source(x)
+        torch.testing.assert_close(fresh(x), expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
