@@ -1,18 +1,18 @@
 """Extraction speed on this machine, in one run.
 
-Prints images/s for:
-  raw          the model alone on pre-decoded, pre-normalised tensors at our settings
-               (BatchNorm folded, channels_last, batch_size="auto", tuned allocator);
-               also the model as loaded (BatchNorm kept) at batch 8, the previous default,
-               and the folded model at batch sizes 2 to 32;
-  ours         PretrainedFeatures end to end from JPEG files (cache off), for num_workers 0, 1, 2;
+Prints the CPU model, then images/s for:
   loop         the tutorials' per-image loop: PIL open, timm's eval transform, model(x[None])
                on a plain eager timm model, in a fresh process (glibc's defaults, as a
                tutorial reader runs it);
-  decode       decoding + resizing alone, one thread, and the ceiling it leaves on these
-               cores: 1 / (1/raw + decode seconds per image) (the model already uses every
-               core, so decoding cannot hide behind it);
-then the ratios ours/raw (goal >= 0.85), ours/ceiling and ours/loop (goal >= 3), and peak RSS.
+  model only   each engine on pre-decoded, pre-resized uint8 batches at our settings
+               (batch_size="auto"): torch (BatchNorm folded, channels_last, tuned allocator;
+               also the model as loaded at batch 8), OpenVINO float32, and where the CPU has
+               native bfloat16, torch bf16 autocast and OpenVINO bf16;
+  decode       decoding + resizing alone, one thread (large JPEGs reduced in the DCT);
+  ours         PretrainedFeatures end to end from JPEG files (cache off), per engine, for
+               num_workers 0, 1, 2 (float32), and with precision="bfloat16" where native;
+then ours / that engine's model only (goal >= 0.85) and ours / loop (goal >= 4 in float32,
+>= 6 in bfloat16), peak RSS, and the torch batch-size sweep behind batch_size="auto".
 
     python benchmarks/extract.py [--data ../shared/data] [--backbone NAME] [--repeat 2]
 """
@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
+import platform
 import resource
 import time
 import warnings
@@ -32,7 +33,8 @@ import torch
 from skltransfer import PretrainedFeatures, load_image_folder
 from skltransfer.backbones import load_backbone, shared_backbone
 from skltransfer.decoding import decode_rgb
-from skltransfer.inference import resolve_batch_size, tune_allocator
+from skltransfer.engines import native_bfloat16
+from skltransfer.inference import PRECISIONS, _start, resolve_batch_size, tune_allocator
 
 warnings.filterwarnings("ignore", category=UserWarning)
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -44,18 +46,38 @@ def peak_rss_mb() -> float:
     return max(own, children) / 1024
 
 
-def raw_throughput(name: str, paths: list[str], folded: bool = True, batch_size: int | None = None) -> float:
-    backbone = shared_backbone(name) if folded else load_backbone(name)
+def cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def raw_throughput(name: str, paths: list[str], folded: bool = True, batch_size: int | None = None,
+                   engine: str = "torch", precision: str = "float32") -> float:
+    """The model alone, on uint8 batches already decoded and resized, as extract_features feeds it."""
+    if engine == "torch":
+        backbone = shared_backbone(name) if folded else load_backbone(name)
+    else:
+        backbone = shared_backbone(name, engine=engine, precision=precision)
     tune_allocator()
     bs = batch_size or resolve_batch_size("auto", torch.device("cpu"), backbone.preprocessing.input_size)
     pixels = torch.stack([backbone.preprocessing.resize_crop(decode_rgb(p)) for p in paths])
-    batches = [backbone.preprocessing.normalize(pixels[i : i + bs]).contiguous(memory_format=torch.channels_last)
-               for i in range(0, len(pixels), bs)]
-    with torch.inference_mode():
-        backbone.model(batches[0])  # warm-up
-        start = time.perf_counter()
-        for batch in batches:
-            backbone.model(batch)
+    batches = [pixels[i : i + bs] for i in range(0, len(pixels), bs)]
+    device = torch.device("cpu")
+    dtype = PRECISIONS[precision]
+    _start(backbone, batches[0], device, [bs], dtype).result()  # warm-up
+    start = time.perf_counter()
+    in_flight = []
+    for batch in batches:
+        in_flight.append(_start(backbone, batch, device, [bs], dtype))
+        if len(in_flight) > 1:
+            in_flight.pop(0).result()
+    for handle in in_flight:
+        handle.result()
     return len(paths) / (time.perf_counter() - start)
 
 
@@ -65,14 +87,15 @@ def decode_seconds(name: str, paths: list[str]) -> float:
     torch.set_num_threads(1)
     start = time.perf_counter()
     for p in paths:
-        preprocessing.resize_crop(decode_rgb(p))
+        preprocessing.resize_crop(decode_rgb(p, preprocessing.resized_size))
     elapsed = time.perf_counter() - start
     torch.set_num_threads(before)
     return elapsed / len(paths)
 
 
-def ours_throughput(name: str, paths: list[str], workers: int) -> float:
-    f = PretrainedFeatures(name, cache=None, num_workers=workers).fit(paths)
+def ours_throughput(name: str, paths: list[str], workers: int, engine: str = "auto",
+                    precision: str = "auto") -> float:
+    f = PretrainedFeatures(name, cache=None, num_workers=workers, engine=engine, precision=precision).fit(paths)
     f.transform(paths[:16])  # warm-up: model built, threads started
     start = time.perf_counter()
     f.transform(paths)
@@ -104,32 +127,44 @@ def main() -> None:
     paths, _ = load_image_folder(args.data / "hymenoptera" / "train")
     test, _ = load_image_folder(args.data / "hymenoptera" / "test")
     paths = (paths + test) * args.repeat
+    print(f"CPU: {cpu_model()}; native bfloat16: {native_bfloat16()}")
     print(f"{args.backbone}: {len(paths)} JPEG files (hymenoptera, 193-2592 px), {os.cpu_count()} cores, "
           f"torch {torch.__version__} threads={torch.get_num_threads()}")
     with multiprocessing.get_context("spawn").Pool(1) as fresh:
         loop = fresh.apply(loop_throughput, (args.backbone, paths[: args.loop_images]))
-    print(f"per-image loop     {loop:7.1f} images/s (fresh process)", flush=True)
-    unfolded = raw_throughput(args.backbone, paths[: len(paths) // args.repeat], folded=False, batch_size=8)
-    print(f"raw model as loaded, batch 8 {unfolded:7.1f} images/s", flush=True)
-    raw = raw_throughput(args.backbone, paths[: len(paths) // args.repeat])
-    print(f"raw model          {raw:7.1f} images/s (BatchNorm folded, batch_size='auto')", flush=True)
-    decode = decode_seconds(args.backbone, paths[: len(paths) // args.repeat])
-    ceiling = 1 / (1 / raw + decode)
-    print(f"decode + resize    {1000 * decode:7.2f} ms/image on one core -> ceiling {ceiling:.1f} images/s", flush=True)
+    print(f"per-image loop                 {loop:7.1f} images/s (fresh process)", flush=True)
+    once = paths[: len(paths) // args.repeat]
+    unfolded = raw_throughput(args.backbone, once, folded=False, batch_size=8)
+    print(f"model only, torch as loaded, batch 8 {unfolded:7.1f} images/s", flush=True)
+    engines = [("torch", "float32"), ("openvino", "float32")]
+    if native_bfloat16():
+        engines += [("torch", "bfloat16"), ("openvino", "bfloat16")]
+    raw = {}
+    for engine, precision in engines:
+        raw[engine, precision] = raw_throughput(args.backbone, once, engine=engine, precision=precision)
+        print(f"model only, {engine:8s} {precision:8s} {raw[engine, precision]:7.1f} images/s "
+              f"({raw[engine, precision] / raw['torch', 'float32']:.2f}x torch float32)", flush=True)
+    decode = decode_seconds(args.backbone, once)
+    print(f"decode + resize                {1000 * decode:7.2f} ms/image on one core", flush=True)
     ours = {}
-    for workers in (0, 1, 2):
-        ours[workers] = ours_throughput(args.backbone, paths, workers)
-        print(f"ours num_workers={workers} {ours[workers]:7.1f} images/s  ({ours[workers] / raw:.2f}x raw)", flush=True)
-    best = max(ours, key=ours.get)
-    print(f"ours (num_workers={best}) / raw = {ours[best] / raw:.2f}x (goal >= 0.85); "
-          f"/ ceiling = {ours[best] / ceiling:.2f}x; "
-          f"ours / per-image loop = {ours[best] / loop:.1f}x (goal >= 3)")
+    for engine, precision in engines:
+        for workers in (0, 1, 2) if precision == "float32" else (0,):
+            rate = ours_throughput(args.backbone, paths, workers, engine, precision)
+            ours[engine, precision, workers] = rate
+            print(f"ours {engine:8s} {precision:8s} num_workers={workers} {rate:7.1f} images/s  "
+                  f"({rate / raw[engine, precision]:.2f}x its model only, {rate / loop:.1f}x loop)", flush=True)
+    for precision, goal in (("float32", 4), ("bfloat16", 6)):
+        runs = {key: rate for key, rate in ours.items() if key[1] == precision}
+        if not runs:
+            continue
+        engine, _, workers = best = max(runs, key=runs.get)
+        print(f"best {precision}: {engine} num_workers={workers}: {runs[best]:.1f} images/s = "
+              f"{runs[best] / loop:.1f}x per-image loop (goal >= {goal}), "
+              f"{runs[best] / raw[engine, precision]:.2f}x its model only (goal >= 0.85)")
     print(f"peak RSS {peak_rss_mb():.0f} MB (before the batch sweep)", flush=True)
-    sweep = {bs: raw_throughput(args.backbone, paths[: len(paths) // args.repeat], batch_size=bs)
-             for bs in (2, 4, 6, 8, 16, 32)}
-    print("raw model by batch size (what batch_size='auto' rests on): "
+    sweep = {bs: raw_throughput(args.backbone, once, batch_size=bs) for bs in (2, 4, 6, 8, 16, 32)}
+    print("torch model by batch size (what batch_size='auto' rests on): "
           + ", ".join(f"{bs}: {rate:.0f}" for bs, rate in sweep.items()) + " images/s", flush=True)
-
 
 
 if __name__ == "__main__":

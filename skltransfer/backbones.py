@@ -21,11 +21,13 @@ the default backbone works with no network.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
 import hashlib
 import importlib
 import os
 import threading
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,6 +113,10 @@ class Backbone:
     feature_groups : tuple of (str, int)
         Where the columns come from, in order: ``(("final", 1280),)`` for the
         default; one entry per layer with ``layers``.
+    engine : {"torch", "openvino"}
+        What runs ``model``: an ``nn.Module`` taking normalised float
+        batches, or an :class:`~skltransfer.engines.OpenVINOModel` taking
+        ``uint8`` batches (normalisation compiled in).
     """
 
     name: str
@@ -119,6 +125,7 @@ class Backbone:
     num_features: int
     weights_digest: str
     feature_groups: tuple = ()
+    engine: str = "torch"
 
 
 def weights_digest(module: nn.Module) -> str:
@@ -278,6 +285,9 @@ def shared_backbone(
     *,
     layers: str | Sequence[int] = "final",
     tta: str | None = None,
+    engine: str = "torch",
+    precision: str = "float32",
+    engine_dir: str | os.PathLike | None = None,
 ) -> Backbone:
     """Return the process-wide :class:`Backbone` for a configuration, building it once.
 
@@ -291,6 +301,13 @@ def shared_backbone(
     (:func:`skltransfer.fusion.fold_batchnorm`); ``weights_digest`` is that of
     the weights as loaded.
 
+    With ``engine="openvino"`` (CPU only) the model is the OpenVINO
+    compilation of that folded model at ``precision``
+    (:func:`skltransfer.engines.compile_openvino`), its conversion kept in
+    ``engine_dir`` for the next process. A model that does not convert
+    runs with torch, after one :class:`~skltransfer.engines.EngineFallbackWarning`.
+    ``Backbone.engine`` says which engine runs it.
+
     Examples
     --------
     >>> a = shared_backbone("test_efficientnet", weights=None)
@@ -302,13 +319,16 @@ def shared_backbone(
     else:
         spec = (backbone, _weights_key(weights))
     layers_key = layers if isinstance(layers, str) else tuple(layers)
-    key = spec + (pooling, layers_key, tta, str(device))
+    cpu_key = spec + (pooling, layers_key, tta, "cpu")
+    if engine == "openvino":
+        key = cpu_key + ("openvino", precision)  # wherever its conversion is kept, the same model
+    else:
+        key = cpu_key[:-1] + (str(device),)
     table = _SHARED
     with _SHARED_LOCK:
         if key in table:
             table.move_to_end(key)
             return table[key]
-        cpu_key = key[:-1] + ("cpu",)
         base = table.get(cpu_key)
         if base is None:
             base = load_backbone(backbone, weights, pooling, layers=layers, tta=tta)
@@ -318,18 +338,46 @@ def shared_backbone(
             if not isinstance(backbone, nn.Module):
                 fold_batchnorm(base.model)
             _remember(table, cpu_key, base)
+        if engine == "openvino":
+            identity = None if isinstance(backbone, nn.Module) else _model_identity(base, pooling, layers, tta)
+            compiled = _compiled(base, precision, identity, engine_dir)
+            _remember(table, key, compiled)
+            return compiled
         if str(device) == "cpu":
             return base
-        moved = Backbone(
-            base.name,
-            copy.deepcopy(base.model).to(device),
-            base.preprocessing,
-            base.num_features,
-            base.weights_digest,
-            base.feature_groups,
-        )
+        moved = dataclasses.replace(base, model=copy.deepcopy(base.model).to(device))
         _remember(table, key, moved)
         return moved
+
+
+def _model_identity(base: Backbone, pooling: str, layers, tta) -> dict[str, Any]:
+    """What determines a registry model's computation (names a saved conversion)."""
+    p = base.preprocessing
+    return {
+        "backbone": base.name,
+        "weights": base.weights_digest,
+        "pooling": pooling,
+        "layers": layers if isinstance(layers, str) else [int(i) for i in layers],
+        "tta": tta,
+        "input_size": list(p.input_size),
+        "mean": list(p.mean),
+        "std": list(p.std),
+    }
+
+
+def _compiled(base: Backbone, precision: str, identity, engine_dir) -> Backbone:
+    from .engines import EngineFallbackWarning, compile_openvino
+
+    try:
+        model = compile_openvino(base.model, base.preprocessing, precision=precision,
+                                 identity=identity, directory=engine_dir)
+    except Exception as exc:  # conversion errors come in many types
+        warnings.warn(EngineFallbackWarning(
+            f"backbone {base.name!r} could not be converted to OpenVINO "
+            f"({type(exc).__name__}: {str(exc)[:300]}); it runs with torch instead. "
+            "Pass engine='torch' to skip the attempt."), stacklevel=4)
+        return base
+    return dataclasses.replace(base, model=model, engine="openvino")
 
 
 def clear_shared_backbones() -> None:

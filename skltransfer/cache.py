@@ -142,6 +142,11 @@ class FeatureCache:
         directory = Path(self.directory) if self.directory is not None else default_cache_dir()
         return directory.expanduser().resolve() / _DB_NAME
 
+    @property
+    def engine_directory(self) -> Path:
+        """Where converted inference-engine models live, next to the database."""
+        return self.path.parent / "engines"
+
     # -- connection handling ------------------------------------------------
 
     def _connect(self) -> sqlite3.Connection:

@@ -113,6 +113,7 @@ def _features(args: argparse.Namespace, backbone: str | None = None):
         batch_size=args.batch_size,
         device=args.device,
         precision=args.precision or "auto",
+        engine=args.engine or "auto",
         num_workers=args.workers,
         verbose=not args.quiet,
         cache=None if args.no_cache else (args.cache_dir or "auto"),
@@ -147,7 +148,7 @@ def _train(args: argparse.Namespace) -> int:
         model = FineTuneClassifier(
             backbone=args.backbone, weights=_weights(args), unfreeze=unfreeze, epochs=args.epochs, head_epochs=args.head_epochs,
             batch_size=args.batch_size, device=args.device, num_workers=args.workers,
-            random_state=0, verbose=not args.quiet,
+            engine=args.engine or "auto", random_state=0, verbose=not args.quiet,
         )
     else:
         model = make_pipeline(_features(args), StandardScaler(), heads[args.head]())
@@ -181,12 +182,16 @@ def _configure_loaded(model, args: argparse.Namespace) -> None:
     """Apply the run's flags (device, batch size, ...) to the model's feature steps."""
     from . import PretrainedFeatures
 
+    from . import FineTuneClassifier
+
     steps = getattr(model, "steps", None) or [(None, model)]
     for _, step in steps:
         if isinstance(step, PretrainedFeatures):
             step.set_params(device=args.device, batch_size=args.batch_size, num_workers=args.workers,
-                            precision=args.precision or step.precision, verbose=False,
-                            cache=None if args.no_cache else (args.cache_dir or step.cache))
+                            precision=args.precision or step.precision, engine=args.engine or step.engine,
+                            verbose=False, cache=None if args.no_cache else (args.cache_dir or step.cache))
+        elif isinstance(step, FineTuneClassifier) and args.engine:
+            step.set_params(engine=args.engine)
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -316,6 +321,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--precision", choices=["auto", "float32", "bfloat16", "float16"],
                        help="forward-pass precision of the features (default auto: float32 on CPU, "
                             "16-bit on CUDA; predict: the model's own)")
+    group.add_argument("--engine", choices=["auto", "torch", "openvino"],
+                       help="what runs the model (default auto: OpenVINO on the CPU when installed, "
+                            "else torch; predict: the model's own)")
     group.add_argument("--workers", type=int, default=0, help="image decoding processes (default 0)")
     group.add_argument("--cache-dir", help="feature cache folder (default: $SKLTRANSFER_CACHE_DIR "
                        "or ~/.cache/skltransfer)")

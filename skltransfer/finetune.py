@@ -22,7 +22,9 @@ from sklearn.utils.class_weight import compute_class_weight
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted
 from .backbones import Backbone, build_classifier_architecture, load_classifier, weights_digest
+from .cache import default_cache_dir
 from .decoding import as_image_items
+from .engines import ENGINES, resolve_engine
 from .fusion import forget_inference_copies, inference_copy
 from .inference import extract_features, resolve_batch_size, resolve_device
 from .training import TrainingPlan, train_classifier, training_augmentation
@@ -94,6 +96,12 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
     device : str, default="auto"
     num_workers : int, default=0
         Decoding processes.
+    engine : {"auto", "torch", "openvino"}, default="auto"
+        What runs predictions (training is torch's): as for
+        :class:`~skltransfer.PretrainedFeatures`, ``"auto"`` is OpenVINO on
+        the CPU when installed (the fine-tuned model converted on the first
+        prediction, the conversion kept in the feature cache's folder for
+        the next process), torch otherwise and on CUDA.
     warm_start : bool, default=False
         Continue training the fitted model on a new ``fit`` instead of starting over.
     random_state : int, RandomState or None, default=None
@@ -153,6 +161,7 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
         "batch_size": [Interval(Integral, 1, None, closed="left"), StrOptions({"auto"})],
         "device": [str, torch.device],
         "num_workers": [Interval(Integral, 0, None, closed="left")],
+        "engine": [StrOptions(set(ENGINES))],
         "warm_start": ["boolean"],
         "random_state": ["random_state"],
         "verbose": ["boolean"],
@@ -181,6 +190,7 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
         batch_size: int | str = "auto",
         device: str | torch.device = "auto",
         num_workers: int = 0,
+        engine: str = "auto",
         warm_start: bool = False,
         random_state: Any = None,
         verbose: bool = False,
@@ -206,6 +216,7 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
         self.batch_size = batch_size
         self.device = device
         self.num_workers = num_workers
+        self.engine = engine
         self.warm_start = warm_start
         self.random_state = random_state
         self.verbose = verbose
@@ -314,9 +325,13 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
         check_is_fitted(self)
         items = as_image_items(X)
         device = resolve_device(self.device)
-        # A copy with BatchNorm folded into the convolutions, made once per fitted model and device.
-        model = inference_copy(self.model_, device)
-        runner = Backbone(self.backbone, model, self.preprocessing_, len(self.classes_), "")
+        engine = resolve_engine(self.engine, device)
+        # A copy with BatchNorm folded into the convolutions (compiled by the
+        # engine), made once per fitted model, device and engine.
+        model = inference_copy(self.model_, device, engine=engine, preprocessing=self.preprocessing_,
+                               engine_dir=default_cache_dir() / "engines")
+        runner = Backbone(self.backbone, model, self.preprocessing_, len(self.classes_), "",
+                          engine="torch" if isinstance(model, torch.nn.Module) else engine)
         batch_size = resolve_batch_size(self.batch_size, device, self.preprocessing_.input_size)
         return extract_features(runner, items, batch_size=batch_size,
                                 device=device, num_workers=self.num_workers)
@@ -335,6 +350,7 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
     def __setstate__(self, state):
         model_state = state.pop("_model_state", None)
         digest = state.pop("_model_digest", None)
+        state.setdefault("engine", "auto")  # pickled before the parameter existed
         super().__setstate__(state)
         if model_state is not None:
             model, _, _ = build_classifier_architecture(self.backbone, len(self.classes_))

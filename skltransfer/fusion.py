@@ -17,7 +17,9 @@ traced is left as it is.
 from __future__ import annotations
 
 import copy
+import os
 import threading
+import warnings
 import weakref
 
 import torch
@@ -67,7 +69,14 @@ _COPIES: weakref.WeakKeyDictionary[nn.Module, dict[str, nn.Module]] = weakref.We
 _COPIES_LOCK = threading.Lock()
 
 
-def inference_copy(model: nn.Module, device: str | torch.device = "cpu") -> nn.Module:
+def inference_copy(
+    model: nn.Module,
+    device: str | torch.device = "cpu",
+    *,
+    engine: str = "torch",
+    preprocessing=None,
+    engine_dir: str | os.PathLike | None = None,
+):
     """A folded, eval-mode, gradient-free copy of ``model`` on ``device``, made once.
 
     For a model that is still trained between predictions (a fine-tuned
@@ -82,10 +91,20 @@ def inference_copy(model: nn.Module, device: str | torch.device = "cpu") -> nn.M
         The source model; it may be in training mode.
     device : str or torch.device
         Where the copy lives.
+    engine : {"torch", "openvino"}
+        ``"openvino"``: the folded copy compiled by OpenVINO for the CPU
+        (:func:`skltransfer.engines.compile_openvino`; needs
+        ``preprocessing``), its conversion kept in ``engine_dir`` under a
+        digest of the weights. A model that does not convert gives the
+        torch copy, after one :class:`~skltransfer.engines.EngineFallbackWarning`.
+    preprocessing : Preprocessing, optional
+        The model's input size and normalisation (for ``engine="openvino"``).
+    engine_dir : path, optional
+        Where OpenVINO conversions are kept.
 
     Returns
     -------
-    torch.nn.Module
+    torch.nn.Module or skltransfer.engines.OpenVINOModel
 
     Examples
     --------
@@ -96,14 +115,42 @@ def inference_copy(model: nn.Module, device: str | torch.device = "cpu") -> nn.M
     >>> inference_copy(net) is fast
     True
     """
-    key = str(torch.device(device))
+    key = (str(torch.device(device)), engine)
     with _COPIES_LOCK:
         copies = _COPIES.setdefault(model, {})
         if key not in copies:
-            fast = copy.deepcopy(model).eval().requires_grad_(False)
-            fold_batchnorm(fast)
-            copies[key] = fast.to(device)
+            if engine == "openvino":
+                folded = _torch_copy(model, "cpu", copies)
+                copies[key] = _compiled_copy(model, folded, preprocessing, engine_dir)
+            else:
+                _torch_copy(model, device, copies)
         return copies[key]
+
+
+def _torch_copy(model: nn.Module, device, copies: dict) -> nn.Module:
+    key = (str(torch.device(device)), "torch")
+    if key not in copies:
+        fast = copy.deepcopy(model).eval().requires_grad_(False)
+        fold_batchnorm(fast)
+        copies[key] = fast.to(device)
+    return copies[key]
+
+
+def _compiled_copy(model: nn.Module, folded: nn.Module, preprocessing, engine_dir):
+    from .backbones import weights_digest
+    from .engines import EngineFallbackWarning, compile_openvino
+
+    identity = {"fine-tuned": weights_digest(model), "architecture": type(model).__name__,
+                "input_size": list(preprocessing.input_size), "mean": list(preprocessing.mean),
+                "std": list(preprocessing.std)}
+    try:
+        return compile_openvino(folded, preprocessing, identity=identity, directory=engine_dir)
+    except Exception as exc:  # conversion errors come in many types
+        warnings.warn(EngineFallbackWarning(
+            f"the fine-tuned {type(model).__name__} could not be converted to OpenVINO "
+            f"({type(exc).__name__}: {str(exc)[:300]}); it predicts with torch instead. "
+            "Pass engine='torch' to skip the attempt."), stacklevel=4)
+        return folded
 
 
 def forget_inference_copies(model: nn.Module) -> None:

@@ -12,11 +12,12 @@ lists every bad file.
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import os
 import platform
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
@@ -179,7 +180,8 @@ class _PreprocessedImages(Dataset):
         return len(self.items)
 
     def __getitem__(self, index: int):
-        pixels, reason = try_decode_rgb(self.items[index])
+        # JPEGs much larger than needed are decoded reduced, never below what the resize needs.
+        pixels, reason = try_decode_rgb(self.items[index], self.preprocessing.resized_size)
         if pixels is None:
             return index, None, reason
         return index, self.preprocessing.resize_crop(pixels), None
@@ -258,20 +260,62 @@ def extract_features(
     )
     failures: list[ImageFailure] = []
     limit = [batch_size]  # lowered for good on out-of-memory
-    with tqdm(total=len(items), disable=not verbose, unit="img", desc="features") as progress:
+    in_flight: collections.deque = collections.deque()  # (indices, handle): started, not yet collected
+
+    def collect() -> None:
+        indices, handle = in_flight.popleft()
+        features = handle.result()
+        out[indices] = features
+        if on_batch is not None:
+            on_batch(indices, features)
+
+    # OpenVINO computes on its own threads, which take every core: decoding
+    # the next batch meanwhile runs best on one torch thread.
+    threads = one_torch_thread() if backbone.engine == "openvino" and num_workers == 0 else nullcontext()
+    with threads, tqdm(total=len(items), disable=not verbose, unit="img", desc="features") as progress:
         for indices, batch, batch_failures in loader:
             failures.extend(
                 ImageFailure(i, describe_item(items[i]), reason) for i, reason in batch_failures
             )
             if batch is not None and (keep_going or not failures):
-                features = _forward_within_memory(backbone, batch, device, limit, dtype)
-                out[indices] = features
-                if on_batch is not None:
-                    on_batch(indices, features)
+                in_flight.append((indices, _start(backbone, batch, device, limit, dtype)))
+                while len(in_flight) > 1:
+                    collect()
             progress.update(len(indices) + len(batch_failures))
+        while in_flight:
+            collect()
     if failures:
         raise ImageLoadError(failures)
     return out
+
+
+@contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """Run torch's own operations (resizing) on one thread for a while."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+class _Done:
+    """A batch computed synchronously (torch), in the shape of an engine's pending handle."""
+
+    def __init__(self, rows: np.ndarray):
+        self._rows = rows
+
+    def result(self) -> np.ndarray:
+        return self._rows
+
+
+def _start(backbone: Backbone, batch: torch.Tensor, device: torch.device, limit: list[int],
+           dtype: torch.dtype):
+    """Start computing a uint8 batch's features; the handle's ``result()`` gives them."""
+    if backbone.engine == "openvino":
+        return backbone.model.start(batch)  # normalisation is compiled into the model
+    return _Done(_forward_within_memory(backbone, batch, device, limit, dtype))
 
 
 _OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)

@@ -130,36 +130,58 @@ class Preprocessing:
             math.floor(self.input_size[1] / self.crop_pct),
         )
 
-    def resize_crop(self, image: torch.Tensor) -> torch.Tensor:
-        """Resize and crop one ``(3, H, W)`` uint8 image to ``input_size``."""
-        mode = _INTERPOLATIONS[self.interpolation]
-        crop = self.crop
-        if crop == "auto":
-            h, w = image.shape[-2:]
-            crop = "none" if h < self.input_size[0] and w < self.input_size[1] else "center"
-        if crop == "none":
-            return F.resize(image, list(self.input_size), interpolation=mode, antialias=True)
-        if crop == "pad":
-            return self._letterbox(image, mode)
+    def policy(self, height: int, width: int) -> str:
+        """The crop policy applied to an image of this size (``"auto"`` resolved)."""
+        if self.crop != "auto":
+            return self.crop
+        small = height < self.input_size[0] and width < self.input_size[1]
+        return "none" if small else "center"
+
+    def resized_size(self, height: int, width: int) -> tuple[int, int]:
+        """The size an image of ``(height, width)`` is resized to before cropping or padding.
+
+        Decoding may stop at any size no smaller than this (a JPEG reduced
+        in libjpeg's DCT, :mod:`~skltransfer.decoding`).
+
+        Examples
+        --------
+        >>> p = Preprocessing((224, 224), 0.875, "center", "bicubic", (0.5,) * 3, (0.5,) * 3)
+        >>> p.resized_size(375, 500)
+        (256, 341)
+        """
+        policy = self.policy(height, width)
+        if policy == "none":
+            return self.input_size
+        if policy == "pad":
+            ratio = min(self.input_size[0] / height, self.input_size[1] / width)
+            return max(1, round(height * ratio)), max(1, round(width * ratio))
         scale_h, scale_w = self.scale_size
         if self.crop_mode == "squash":
-            size = [scale_h, scale_w]
-        elif self.crop_mode == "border":
-            h, w = image.shape[-2:]
-            ratio = max(scale_h, scale_w) / max(h, w)
-            size = [max(1, round(h * ratio)), max(1, round(w * ratio))]
-        elif scale_h == scale_w:
-            size = [scale_h]  # short side, aspect kept (timm's square case)
-        else:
-            size = [scale_h, scale_w]
-        image = F.resize(image, size, interpolation=mode, antialias=True)
+            return scale_h, scale_w
+        if self.crop_mode == "border":
+            ratio = max(scale_h, scale_w) / max(height, width)
+            return max(1, round(height * ratio)), max(1, round(width * ratio))
+        if scale_h != scale_w:
+            return scale_h, scale_w
+        # The short side to scale_h, aspect kept: torchvision's rule for resize(image, [size]).
+        short, long = sorted((height, width))
+        long = int(scale_h * long / short)
+        return (scale_h, long) if height <= width else (long, scale_h)
+
+    def resize_crop(self, image: torch.Tensor) -> torch.Tensor:
+        """Resize and crop one ``(3, H, W)`` uint8 image to ``input_size``."""
+        height, width = image.shape[-2:]
+        policy = self.policy(height, width)
+        image = F.resize(image, list(self.resized_size(height, width)),
+                         interpolation=_INTERPOLATIONS[self.interpolation], antialias=True)
+        if policy == "none":
+            return image
+        if policy == "pad":
+            return self._letterbox(image)
         return F.center_crop(image, list(self.input_size))
 
-    def _letterbox(self, image: torch.Tensor, mode) -> torch.Tensor:
-        h, w = image.shape[-2:]
-        ratio = min(self.input_size[0] / h, self.input_size[1] / w)
-        size = [max(1, round(h * ratio)), max(1, round(w * ratio))]
-        image = F.resize(image, size, interpolation=mode, antialias=True)
+    def _letterbox(self, image: torch.Tensor) -> torch.Tensor:
+        size = image.shape[-2:]
         top = (self.input_size[0] - size[0]) // 2
         left = (self.input_size[1] - size[1]) // 2
         canvas = torch.empty((3, *self.input_size), dtype=image.dtype)

@@ -134,3 +134,56 @@ def test_each_bad_file_error_names_the_file_and_the_reason(tmp_path, pixels, kin
 def test_a_directory_is_named_as_such(tmp_path):
     with pytest.raises(ImageLoadError, match="is a directory"):
         decode_rgb(tmp_path)
+
+
+# -- JPEGs decoded at the size needed ---------------------------------------------
+
+
+def _large_jpeg(orientation: int = 1) -> bytes:
+    img = Image.fromarray(make_image(seed=3, size=(600, 800)))
+    exif = img.getexif()
+    if orientation != 1:
+        exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    img.save(buffer, "JPEG", quality=92, exif=exif)
+    return buffer.getvalue()
+
+
+def test_a_large_jpeg_is_decoded_reduced_but_never_below_the_size_needed():
+    data = _large_jpeg()
+    assert decode_rgb(data).shape == (3, 600, 800)
+    # 1/4 is the largest reduction that keeps (140, 190): 150 x 200.
+    assert decode_rgb(data, lambda h, w: (140, 190)).shape == (3, 150, 200)
+    # Less than twice the size needed: decoded in full, the same pixels as without a hint.
+    assert torch.equal(decode_rgb(data, lambda h, w: (310, 410)), decode_rgb(data))
+
+
+def test_reduced_decoding_keeps_exif_orientation_and_asks_with_the_displayed_size():
+    data = _large_jpeg(orientation=6)  # shown rotated: 800 high, 600 wide
+    asked = []
+
+    def needs(height, width):
+        asked.append((height, width))
+        return 190, 140
+
+    out = decode_rgb(data, needs)
+    assert asked == [(800, 600)]
+    assert out.shape == (3, 200, 150)
+
+
+def test_reduced_pixels_are_a_faithful_downscale():
+    from skltransfer.preprocessing import Preprocessing
+
+    p = Preprocessing((224, 224), 0.875, "center", "bicubic", (0.5,) * 3, (0.5,) * 3)
+    data = _large_jpeg()
+    full = p.resize_crop(decode_rgb(data)).float()
+    reduced = p.resize_crop(decode_rgb(data, p.resized_size)).float()
+    assert reduced.shape == full.shape == (3, 224, 224)
+    psnr = 10 * torch.log10(255**2 / ((full - reduced) ** 2).mean())
+    assert psnr > 30  # dB, on a noisy image: the same picture, filtered another way
+
+
+def test_a_truncated_large_jpeg_is_named_as_such_when_decoded_reduced():
+    data = _large_jpeg()[:3000]
+    with pytest.raises(ImageLoadError, match="corrupt or truncated"):
+        decode_rgb(data, lambda h, w: (100, 100))
