@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import sqlite3
 import threading
 import time
@@ -316,7 +317,7 @@ class FeatureCache:
     # -- looking after it ------------------------------------------------------
 
     def info(self) -> dict[str, Any]:
-        """Entries, feature bytes, configurations and the file's size on disk."""
+        """Entries, feature bytes, configurations and the file's size on disk; engine conversions kept."""
 
         def read(conn):
             entries, stored = conn.execute(
@@ -330,6 +331,8 @@ class FeatureCache:
         on_disk = sum(
             p.stat().st_size for p in self.path.parent.glob(_DB_NAME + "*") if p.is_file()
         )
+        engines = [p for p in self.engine_directory.glob("*") if p.is_dir() and not p.name.startswith(".")]
+        engine_bytes = sum(f.stat().st_size for d in engines for f in d.iterdir() if f.is_file())
         return {
             "path": str(self.path),
             "entries": entries,
@@ -338,10 +341,12 @@ class FeatureCache:
             "configurations": configs,
             "indexed_paths": paths,
             "max_bytes": self.max_bytes,
+            "engine_models": len(engines),
+            "engine_bytes": engine_bytes,
         }
 
     def clear(self) -> None:
-        """Delete every stored feature and path index entry."""
+        """Delete every stored feature, path index entry and engine conversion."""
 
         def wipe(conn):
             with conn:
@@ -350,6 +355,7 @@ class FeatureCache:
             conn.execute("VACUUM")
 
         self._run(wipe)
+        shutil.rmtree(self.engine_directory, ignore_errors=True)
 
 
 _CONNECTIONS: dict[tuple, sqlite3.Connection] = {}

@@ -115,6 +115,7 @@ def _features(args: argparse.Namespace, backbone: str | None = None):
         precision=args.precision or "auto",
         engine=args.engine or "auto",
         num_workers=args.workers,
+        max_image_pixels=_max_pixels(args),
         verbose=not args.quiet,
         cache=None if args.no_cache else (args.cache_dir or "auto"),
     )
@@ -147,7 +148,8 @@ def _train(args: argparse.Namespace) -> int:
         unfreeze = args.unfreeze if args.unfreeze == "all" else int(args.unfreeze)
         model = FineTuneClassifier(
             backbone=args.backbone, weights=_weights(args), unfreeze=unfreeze, epochs=args.epochs, head_epochs=args.head_epochs,
-            batch_size=args.batch_size, device=args.device, num_workers=args.workers,
+            batch_size=args.batch_size, device=args.device,
+            num_workers=0 if args.workers == "auto" else args.workers, max_image_pixels=_max_pixels(args),
             engine=args.engine or "auto", random_state=0, verbose=not args.quiet,
         )
     else:
@@ -190,8 +192,11 @@ def _configure_loaded(model, args: argparse.Namespace) -> None:
             step.set_params(device=args.device, batch_size=args.batch_size, num_workers=args.workers,
                             precision=args.precision or step.precision, engine=args.engine or step.engine,
                             verbose=False, cache=None if args.no_cache else (args.cache_dir or step.cache))
-        elif isinstance(step, FineTuneClassifier) and args.engine:
-            step.set_params(engine=args.engine)
+        if isinstance(step, (PretrainedFeatures, FineTuneClassifier)):
+            if args.max_image_pixels is not None:
+                step.set_params(max_image_pixels=_max_pixels(args))
+            if isinstance(step, FineTuneClassifier) and args.engine:
+                step.set_params(engine=args.engine)
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -288,6 +293,7 @@ def _cache(args: argparse.Namespace) -> int:
     print(f"feature bytes:  {info['feature_bytes']:,}")
     print(f"on disk:        {info['disk_bytes']:,} bytes")
     print(f"indexed paths:  {info['indexed_paths']:,}")
+    print(f"engine models:  {info['engine_models']} converted ({info['engine_bytes']:,} bytes)")
     return EXIT_OK
 
 
@@ -308,6 +314,27 @@ def _batch_size(value: str):
     return value if value == "auto" else int(value)
 
 
+def _workers(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        workers = int(value)
+    except ValueError:
+        workers = -1
+    if workers < 0:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a number >= 0, got {value!r}")
+    return workers
+
+
+def _max_pixels(args: argparse.Namespace) -> int | None:
+    from .decoding import DEFAULT_MAX_IMAGE_PIXELS
+
+    value = args.max_image_pixels
+    if value is None:
+        return DEFAULT_MAX_IMAGE_PIXELS
+    return None if value == 0 else value
+
+
 def _backbone_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backbone", default="tf_efficientnet_lite0", help="timm name or torchvision:<name>")
     parser.add_argument("--weights", default="pretrained",
@@ -321,10 +348,15 @@ def _common(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--precision", choices=["auto", "float32", "bfloat16", "float16"],
                        help="forward-pass precision of the features (default auto: float32 on CPU, "
                             "16-bit on CUDA; predict: the model's own)")
+    group.add_argument("--max-image-pixels", type=int, metavar="N",
+                       help="refuse images with more pixels, from their headers, before decoding "
+                            "(default 178956970, Pillow's decompression-bomb limit; 0: no limit, trusted "
+                            "images only; predict: the model's own unless given)")
     group.add_argument("--engine", choices=["auto", "torch", "openvino"],
                        help="what runs the model (default auto: OpenVINO on the CPU when installed, "
                             "else torch; predict: the model's own)")
-    group.add_argument("--workers", type=int, default=0, help="image decoding processes (default 0)")
+    group.add_argument("--workers", type=_workers, default="auto",
+                       help="image decoding processes (default auto: none on the CPU, one per spare core on CUDA)")
     group.add_argument("--cache-dir", help="feature cache folder (default: $SKLTRANSFER_CACHE_DIR "
                        "or ~/.cache/skltransfer)")
     group.add_argument("--no-cache", action="store_true", help="neither read nor write the feature cache")

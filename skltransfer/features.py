@@ -21,9 +21,17 @@ from torch import nn
 
 from .backbones import POOLINGS, Backbone, WeightsMismatchError, shared_backbone
 from .cache import CacheInfo, FeatureCache, content_keys, feature_config_id
-from .decoding import ImageLoadError, as_image_items
+from .decoding import DEFAULT_MAX_IMAGE_PIXELS, ImageLoadError, as_image_items
 from .engines import ENGINES, resolve_engine
-from .inference import PRECISIONS, all_cores, extract_features, resolve_batch_size, resolve_device, resolve_precision
+from .inference import (
+    PRECISIONS,
+    all_cores,
+    extract_features,
+    resolve_batch_size,
+    resolve_device,
+    resolve_num_workers,
+    resolve_precision,
+)
 from .preprocessing import CROP_POLICIES
 
 __all__ = ["PretrainedFeatures"]
@@ -105,8 +113,17 @@ class PretrainedFeatures(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
         :class:`~skltransfer.engines.EngineFallbackWarning`. float32 rows are
         the same numbers from either engine and share cache entries;
         16-bit rows do not.
-    num_workers : int, default=0
+    num_workers : int or "auto", default="auto"
         Processes decoding images in parallel (0: in this process).
+        ``"auto"``: 0 on the CPU (the model already uses every core; worker
+        processes measured slower on 2 cores), one per spare core (at most 8)
+        on CUDA.
+    max_image_pixels : int or None, default=178_956_970
+        Images with more pixels are refused, from their headers, before any
+        pixel is decoded: an error naming the file, its size and this limit
+        (the other images are still computed and cached). The default is
+        where Pillow raises ``DecompressionBombError``. ``None``: no limit
+        (only for trusted images).
     verbose : bool, default=False
         Show a progress bar during ``transform``.
     cache : "auto", path, FeatureCache or None, default="auto"
@@ -156,7 +173,8 @@ class PretrainedFeatures(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
         "device": [str, torch.device],
         "precision": [StrOptions({"auto", *PRECISIONS})],
         "engine": [StrOptions(set(ENGINES))],
-        "num_workers": [Interval(Integral, 0, None, closed="left")],
+        "num_workers": [Interval(Integral, 0, None, closed="left"), StrOptions({"auto"})],
+        "max_image_pixels": [Interval(Integral, 1, None, closed="left"), None],
         "verbose": ["boolean"],
         "cache": [StrOptions({"auto"}), str, os.PathLike, FeatureCache, None],
     }
@@ -173,7 +191,8 @@ class PretrainedFeatures(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
         device: str | torch.device = "auto",
         precision: str = "auto",
         engine: str = "auto",
-        num_workers: int = 0,
+        num_workers: int | str = "auto",
+        max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
         verbose: bool = False,
         cache: str | os.PathLike | FeatureCache | None = "auto",
     ):
@@ -188,6 +207,7 @@ class PretrainedFeatures(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
         self.precision = precision
         self.engine = engine
         self.num_workers = num_workers
+        self.max_image_pixels = max_image_pixels
         self.verbose = verbose
         self.cache = cache
 
@@ -258,7 +278,8 @@ class PretrainedFeatures(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
             batch_size=resolve_batch_size(self.batch_size, device, backbone.preprocessing.input_size),
             device=device,
             precision=precision,
-            num_workers=self.num_workers,
+            num_workers=resolve_num_workers(self.num_workers, device),
+            max_image_pixels=self.max_image_pixels,
             verbose=self.verbose,
         )
         start = time.perf_counter()
@@ -383,7 +404,11 @@ class PretrainedFeatures(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
 
 
 #: skltransfer 0.1.0 always ran in float32 (with torch; the engines' float32 rows agree).
-_VALUES_BEFORE_THE_PARAMETER_EXISTED = {"precision": "float32", "engine": "auto"}
+_VALUES_BEFORE_THE_PARAMETER_EXISTED = {
+    "precision": "float32",
+    "engine": "auto",
+    "max_image_pixels": DEFAULT_MAX_IMAGE_PIXELS,
+}
 
 
 def _check_not_empty(items) -> None:

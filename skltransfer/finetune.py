@@ -23,7 +23,7 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted
 from .backbones import Backbone, build_classifier_architecture, load_classifier, weights_digest
 from .cache import default_cache_dir
-from .decoding import as_image_items
+from .decoding import DEFAULT_MAX_IMAGE_PIXELS, as_image_items
 from .engines import ENGINES, resolve_engine
 from .fusion import forget_inference_copies, inference_copy
 from .inference import extract_features, resolve_batch_size, resolve_device
@@ -96,6 +96,9 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
     device : str, default="auto"
     num_workers : int, default=0
         Decoding processes.
+    max_image_pixels : int or None, default=178_956_970
+        Images with more pixels are refused from their headers, before
+        decoding (as for :class:`~skltransfer.PretrainedFeatures`).
     engine : {"auto", "torch", "openvino"}, default="auto"
         What runs predictions (training is torch's): as for
         :class:`~skltransfer.PretrainedFeatures`, ``"auto"`` is OpenVINO on
@@ -161,6 +164,7 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
         "batch_size": [Interval(Integral, 1, None, closed="left"), StrOptions({"auto"})],
         "device": [str, torch.device],
         "num_workers": [Interval(Integral, 0, None, closed="left")],
+        "max_image_pixels": [Interval(Integral, 1, None, closed="left"), None],
         "engine": [StrOptions(set(ENGINES))],
         "warm_start": ["boolean"],
         "random_state": ["random_state"],
@@ -190,6 +194,7 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
         batch_size: int | str = "auto",
         device: str | torch.device = "auto",
         num_workers: int = 0,
+        max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
         engine: str = "auto",
         warm_start: bool = False,
         random_state: Any = None,
@@ -216,6 +221,7 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
         self.batch_size = batch_size
         self.device = device
         self.num_workers = num_workers
+        self.max_image_pixels = max_image_pixels
         self.engine = engine
         self.warm_start = warm_start
         self.random_state = random_state
@@ -283,6 +289,7 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
             weight_decay=self.weight_decay, schedule=self.schedule, warmup_epochs=self.warmup_epochs,
             label_smoothing=self.label_smoothing, max_grad_norm=self.max_grad_norm,
             batch_size=self._train_batch_size(device), num_workers=self.num_workers,
+            max_image_pixels=self.max_image_pixels,
             n_iter_no_change=self.n_iter_no_change if self.early_stopping else None,
             class_weights=weights, verbose=self.verbose, seed=seed,
             history=list(self.history_) if continuing else [],
@@ -333,8 +340,8 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
         runner = Backbone(self.backbone, model, self.preprocessing_, len(self.classes_), "",
                           engine="torch" if isinstance(model, torch.nn.Module) else engine)
         batch_size = resolve_batch_size(self.batch_size, device, self.preprocessing_.input_size)
-        return extract_features(runner, items, batch_size=batch_size,
-                                device=device, num_workers=self.num_workers)
+        return extract_features(runner, items, batch_size=batch_size, device=device,
+                                num_workers=self.num_workers, max_image_pixels=self.max_image_pixels)
 
     # -- persistence: weights as CPU tensors, the module rebuilt on load -----------------
 
@@ -350,7 +357,8 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
     def __setstate__(self, state):
         model_state = state.pop("_model_state", None)
         digest = state.pop("_model_digest", None)
-        state.setdefault("engine", "auto")  # pickled before the parameter existed
+        state.setdefault("engine", "auto")  # pickled before these parameters existed
+        state.setdefault("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS)
         super().__setstate__(state)
         if model_state is not None:
             model, _, _ = build_classifier_architecture(self.backbone, len(self.classes_))

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from .decoding import ImageFailure, ImageLoadError, describe_item, try_decode_rgb
+from .decoding import DEFAULT_MAX_IMAGE_PIXELS, ImageFailure, ImageLoadError, describe_item, try_decode_rgb
 from .preprocessing import Preprocessing
 
 __all__ = ["TrainingPlan", "layer_groups", "select_trainable", "train_classifier", "training_augmentation"]
@@ -109,14 +109,14 @@ def training_augmentation(preprocessing: Preprocessing, scale=(0.35, 1.0)) -> Ca
 
 
 class _LabelledImages(Dataset):
-    def __init__(self, items, targets, geometry: Callable):
-        self.items, self.targets, self.geometry = items, targets, geometry
+    def __init__(self, items, targets, geometry: Callable, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS):
+        self.items, self.targets, self.geometry, self.max_pixels = items, targets, geometry, max_pixels
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, index):
-        pixels, reason = try_decode_rgb(self.items[index])
+        pixels, reason = try_decode_rgb(self.items[index], max_pixels=self.max_pixels)
         if pixels is None:
             return index, None, -1, reason
         return index, self.geometry(pixels), int(self.targets[index]), None
@@ -149,6 +149,7 @@ class TrainingPlan:
     max_grad_norm: float | None = 1.0
     batch_size: int = 32
     num_workers: int = 0
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
     n_iter_no_change: int | None = None
     class_weights: torch.Tensor | None = None
     verbose: bool = False
@@ -218,7 +219,7 @@ def train_classifier(
     geometry = augment if augment is not None else preprocessing.resize_crop
     loader_rng = torch.Generator().manual_seed(plan.seed)
     loader = DataLoader(
-        _LabelledImages(items, targets, geometry), batch_size=plan.batch_size, shuffle=True,
+        _LabelledImages(items, targets, geometry, plan.max_image_pixels), batch_size=plan.batch_size, shuffle=True,
         num_workers=plan.num_workers, collate_fn=_collate, generator=loader_rng,
         pin_memory=device.type == "cuda", drop_last=len(items) > plan.batch_size,
     )
@@ -248,7 +249,7 @@ def train_classifier(
                                device, use_amp, amp_dtype, items, phase, preprocessing)
             if validation is not None:
                 row.update(evaluate(model, validation[0], validation[1], preprocessing, loss_fn,
-                                    plan.batch_size, device))
+                                    plan.batch_size, device, plan.max_image_pixels))
                 if row["valid_loss"] < best[0] - 1e-4:
                     best = (row["valid_loss"], copy.deepcopy(model.state_dict()), len(plan.history))
                     stale = 0
@@ -315,10 +316,11 @@ def _train_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, trainable
 
 
 @torch.no_grad()
-def evaluate(model, items, targets, preprocessing, loss_fn, batch_size, device) -> dict[str, float]:
+def evaluate(model, items, targets, preprocessing, loss_fn, batch_size, device,
+             max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> dict[str, float]:
     """Validation loss and accuracy with the eval geometry."""
     model.eval()
-    loader = DataLoader(_LabelledImages(items, targets, preprocessing.resize_crop), batch_size=batch_size,
+    loader = DataLoader(_LabelledImages(items, targets, preprocessing.resize_crop, max_pixels), batch_size=batch_size,
                         shuffle=False, collate_fn=_collate)
     total, correct, seen, bad = 0.0, 0, 0, []
     for batch, target, failures in loader:

@@ -119,7 +119,7 @@ def _bad_files(tmp_path, pixels):
 
 @pytest.mark.parametrize(
     "kind, reason",
-    [("missing", "no such file"), ("empty", "empty"), ("truncated", "corrupt or truncated"),
+    [("missing", "no such file"), ("empty", "empty"), ("truncated", "truncated file: the image data ends early"),
      ("text", "not an image file")],
 )
 def test_each_bad_file_error_names_the_file_and_the_reason(tmp_path, pixels, kind, reason):
@@ -139,8 +139,8 @@ def test_a_directory_is_named_as_such(tmp_path):
 # -- JPEGs decoded at the size needed ---------------------------------------------
 
 
-def _large_jpeg(orientation: int = 1) -> bytes:
-    img = Image.fromarray(make_image(seed=3, size=(600, 800)))
+def _large_jpeg(orientation: int = 1, size=(600, 800)) -> bytes:
+    img = Image.fromarray(make_image(seed=3, size=size))
     exif = img.getexif()
     if orientation != 1:
         exif[0x0112] = orientation
@@ -152,10 +152,11 @@ def _large_jpeg(orientation: int = 1) -> bytes:
 def test_a_large_jpeg_is_decoded_reduced_but_never_below_the_size_needed():
     data = _large_jpeg()
     assert decode_rgb(data).shape == (3, 600, 800)
-    # 1/4 is the largest reduction that keeps (140, 190): 150 x 200.
-    assert decode_rgb(data, lambda h, w: (140, 190)).shape == (3, 150, 200)
-    # Less than twice the size needed: decoded in full, the same pixels as without a hint.
-    assert torch.equal(decode_rgb(data, lambda h, w: (310, 410)), decode_rgb(data))
+    # Kept at twice the size needed, (140, 190) -> (280, 380): 1/2 is the largest reduction.
+    assert decode_rgb(data, lambda h, w: (140, 190)).shape == (3, 300, 400)
+    assert decode_rgb(data, lambda h, w: (70, 95)).shape == (3, 150, 200)  # 1/4
+    # Less than 4 times the size needed: decoded in full, the same pixels as without a hint.
+    assert torch.equal(decode_rgb(data, lambda h, w: (160, 210)), decode_rgb(data))
 
 
 def test_reduced_decoding_keeps_exif_orientation_and_asks_with_the_displayed_size():
@@ -164,7 +165,7 @@ def test_reduced_decoding_keeps_exif_orientation_and_asks_with_the_displayed_siz
 
     def needs(height, width):
         asked.append((height, width))
-        return 190, 140
+        return 95, 70
 
     out = decode_rgb(data, needs)
     assert asked == [(800, 600)]
@@ -175,7 +176,8 @@ def test_reduced_pixels_are_a_faithful_downscale():
     from skltransfer.preprocessing import Preprocessing
 
     p = Preprocessing((224, 224), 0.875, "center", "bicubic", (0.5,) * 3, (0.5,) * 3)
-    data = _large_jpeg()
+    data = _large_jpeg(size=(1100, 1400))
+    assert decode_rgb(data, p.resized_size).shape == (3, 550, 700)  # >= twice (256, 325)
     full = p.resize_crop(decode_rgb(data)).float()
     reduced = p.resize_crop(decode_rgb(data, p.resized_size)).float()
     assert reduced.shape == full.shape == (3, 224, 224)
@@ -185,5 +187,5 @@ def test_reduced_pixels_are_a_faithful_downscale():
 
 def test_a_truncated_large_jpeg_is_named_as_such_when_decoded_reduced():
     data = _large_jpeg()[:3000]
-    with pytest.raises(ImageLoadError, match="corrupt or truncated"):
+    with pytest.raises(ImageLoadError, match="truncated file"):
         decode_rgb(data, lambda h, w: (100, 100))
