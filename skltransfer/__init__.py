@@ -18,6 +18,7 @@ from .datasets import load_image_folder, stable_train_test_split
 from .decoding import ImageFailure, ImageLoadError
 from .features import PretrainedFeatures
 from .finetune import FineTuneClassifier
+from .persistence import UnsafeModelError, load, save
 
 __version__ = "0.1.0"
 
@@ -29,11 +30,14 @@ __all__ = [
     "ImageFailure",
     "ImageLoadError",
     "PretrainedFeatures",
+    "UnsafeModelError",
     "WeightsMismatchError",
     "__version__",
     "clear_shared_backbones",
+    "load",
     "load_backbone",
     "load_image_folder",
     "offline_backbones",
+    "save",
     "stable_train_test_split",
 ]

@@ -58,7 +58,6 @@ def _split(data: Path):
 
 
 def _demo(args: argparse.Namespace) -> int:
-    import joblib
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import accuracy_score
     from sklearn.pipeline import make_pipeline
@@ -89,7 +88,7 @@ def _demo(args: argparse.Namespace) -> int:
     accuracy = accuracy_score(y_test, predicted)
     out = Path(args.out).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
-    joblib.dump(model, out)
+    _save_model(model, out)
     print(f"backbone: {args.backbone}")
     print(f"test accuracy: {accuracy:.1%} ({len(test_paths)} images)")
     print(f"throughput: {n_images / seconds:.1f} images/s end to end ({n_images} images in {seconds:.1f} s)")
@@ -122,7 +121,6 @@ def _features(args: argparse.Namespace, backbone: str | None = None):
 
 
 def _train(args: argparse.Namespace) -> int:
-    import joblib
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import accuracy_score, classification_report
     from sklearn.neural_network import MLPClassifier
@@ -167,17 +165,36 @@ def _train(args: argparse.Namespace) -> int:
         model.fit(paths, labels)
     out = Path(args.out).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
-    joblib.dump(model, out)
+    _save_model(model, out)
     print(f"model: {out} ({out.stat().st_size / 1024:.0f} KiB)")
     return EXIT_OK
+
+
+#: Model files in the safe format (skltransfer.save / load: no code runs on load).
+SAFE_SUFFIX = ".skops"
+
+
+def _save_model(model, out: Path) -> None:
+    import joblib
+
+    from .persistence import save
+
+    if out.suffix == SAFE_SUFFIX:
+        save(model, out)
+    else:
+        joblib.dump(model, out)
 
 
 def _load_model(path: str):
     import joblib
 
+    from .persistence import load
+
     if not Path(path).is_file():
         raise FileNotFoundError(f"model file not found: {path}")
-    return joblib.load(path)
+    if Path(path).suffix == SAFE_SUFFIX:
+        return load(path)
+    return joblib.load(path)  # a pickle: runs what it holds (the docs say: trusted files only)
 
 
 def _configure_loaded(model, args: argparse.Namespace) -> None:
@@ -386,9 +403,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "Fit pretrained features + a scikit-learn head on IMAGE_DIR/<class>/<image>, holding out a\n"
                      "validation set chosen by a hash of each file name (it does not move when images are\n"
                      "added); print validation accuracy and a per-class report; save the model.",
-                     ["skltransfer train photos/ --out model.joblib",
-                      "skltransfer train photos/ --backbone tf_efficientnet_lite2 --head mlp --refit --out m.joblib",
-                      "skltransfer train photos/ --head finetune --unfreeze 2 --epochs 10 --out ft.joblib"])
+                     ["skltransfer train photos/ --out model.skops",
+                      "skltransfer train photos/ --backbone tf_efficientnet_lite2 --head mlp --refit --out m.skops",
+                      "skltransfer train photos/ --head finetune --unfreeze 2 --epochs 10 --out ft.skops"])
     train.add_argument("image_dir", metavar="IMAGE_DIR")
     _backbone_options(train)
     train.add_argument("--head", choices=["logistic", "mlp", "finetune"], default="logistic",
@@ -400,7 +417,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--C", type=float, default=0.5, help="inverse regularisation of the logistic head")
     train.add_argument("--validation-fraction", type=float, default=0.2)
     train.add_argument("--refit", action="store_true", help="after validating, refit on every image")
-    train.add_argument("--out", default="model.joblib", help="where to save the model")
+    train.add_argument("--out", default="model.skops",
+                       help="where to save the model: .skops (default) is the safe format, loaded without "
+                            "running code; any other suffix is a joblib pickle (load only if trusted)")
     _common(train)
     train.set_defaults(run=_train)
 
@@ -408,9 +427,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "Stream any number of images (files, or folders walked recursively) through a saved\n"
                        "model in chunks, with flat memory. An unreadable image becomes an error row (path,\n"
                        "reason) and the run goes on. Output: CSV on stdout, or --out FILE.csv|.jsonl|.parquet.",
-                       ["skltransfer predict model.joblib new_photos/ --top-k 3 --out preds.csv",
-                        "skltransfer predict model.joblib a.jpg b.jpg"])
-    predict.add_argument("model", metavar="MODEL", help="a joblib file from train (or any fitted pipeline)")
+                       ["skltransfer predict model.skops new_photos/ --top-k 3 --out preds.csv",
+                        "skltransfer predict model.skops a.jpg b.jpg"])
+    predict.add_argument("model", metavar="MODEL",
+                         help="a model from train: .skops (safe: no code runs on load) or a joblib file "
+                              "(a pickle: load only files from a source you trust)")
     predict.add_argument("images", metavar="PATH", nargs="+", help="image files or folders")
     predict.add_argument("--top-k", type=int, default=1, help="ranked predictions per image")
     predict.add_argument("--out", help="predictions file (.csv, .jsonl, .parquet); default: CSV on stdout")
@@ -445,12 +466,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = _command(commands, "demo", "train and score a classifier end to end on the offline default backbone",
                     "Fit PretrainedFeatures + LogisticRegression on a folder of images, print the\n"
-                    "held-out accuracy and throughput, and save the model as one joblib file.",
+                    "held-out accuracy and throughput, and save the model as one file.",
                     ["skltransfer demo                       # handwritten digits, no network needed",
-                     "skltransfer demo --data photos/ --out photos.joblib"])
+                     "skltransfer demo --data photos/ --out photos.skops"])
     demo.add_argument("--data", metavar="DIR", help="class-per-folder images (DIR/<class>/<image>), "
                       "or DIR/train and DIR/test; default: scikit-learn's digits")
-    demo.add_argument("--out", default="skltransfer-demo.joblib", help="where to save the model")
+    demo.add_argument("--out", default="skltransfer-demo.skops",
+                      help="where to save the model (.skops: the safe format; other suffixes: joblib)")
     demo.add_argument("--backbone", default="tf_efficientnet_lite0", help="timm name or torchvision:<name>")
     demo.add_argument("--max-images", type=int, default=600,
                       help="digits only: how many to use (default 600; the full set is 1797)")

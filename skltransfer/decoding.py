@@ -4,9 +4,9 @@ One job: turn one *image item* (a path, encoded bytes, a PIL image or a
 ``uint8`` array) into a ``(3, H, W)`` ``uint8`` tensor, or say precisely why
 that is impossible. Batching, resizing and models live elsewhere.
 
-JPEG, PNG, WebP and GIF go through torchvision's libjpeg-turbo / libpng
-decoders (fast, and they apply EXIF orientation); everything else Pillow can
-open (BMP, TIFF, 16-bit and CMYK files, ...) goes through Pillow. A caller
+JPEGs go through torchvision's libjpeg-turbo decoder (fast, and it applies
+EXIF orientation); everything else Pillow can open (PNG, WebP, GIF, BMP,
+TIFF, 16-bit and CMYK files, ...) goes through Pillow. A caller
 that will shrink the image anyway can say how large it needs it
 (``min_size``): a JPEG at least 4 times that size on both sides is then
 decoded reduced by 1/2, 1/4 or 1/8 inside libjpeg's inverse DCT (Pillow's
@@ -31,10 +31,10 @@ from __future__ import annotations
 import io
 import os
 import re
+import struct
 import threading
 import warnings
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
@@ -305,67 +305,89 @@ def _check_pixels(width: int, height: int, max_pixels: int | None) -> None:
 _PILLOW_LIMIT_LOCK = threading.Lock()
 
 
-@contextmanager
-def _pillow_checks_at_most(max_pixels: int | None) -> Iterator[None]:
-    """Let Pillow open headers up to our limit: its own check (a module global) would refuse sooner."""
+def _open_unloaded(data: bytes, max_pixels: int | None) -> Image.Image:
+    """``Image.open`` (the header only) with Pillow's own pixel check out of our way.
+
+    Pillow refuses images above twice its module-wide ``MAX_IMAGE_PIXELS``
+    without saying their size. Where that is about to happen (a limit raised
+    above Pillow's, or a bomb whose size the error must name) the header is
+    read again with Pillow's check off, under a lock so that our own threads
+    do not restore each other's value; :func:`_check_pixels` is the check.
+    """
     pillow_limit = Image.MAX_IMAGE_PIXELS
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         if pillow_limit is None or (max_pixels is not None and max_pixels <= 2 * pillow_limit):
-            yield
-            return
-        # Raised above Pillow's: our check is the one that applies. The lock
-        # keeps our own threads from restoring each other's value.
+            try:
+                return Image.open(io.BytesIO(data))
+            except Image.DecompressionBombError:
+                pass  # over Pillow's limit, so over ours: read the size to say it
         with _PILLOW_LIMIT_LOCK:
             Image.MAX_IMAGE_PIXELS = None
             try:
-                yield
+                return Image.open(io.BytesIO(data))
             finally:
                 Image.MAX_IMAGE_PIXELS = pillow_limit
 
 
-def _read_header(data: bytes, max_pixels: int | None) -> _Header | None:
-    """Format, size and EXIF orientation from the header, no pixel decoded; None if Pillow cannot tell.
+def _read_header(data: bytes, max_pixels: int | None) -> tuple[Image.Image, _Header]:
+    """The unloaded image and its format, size and EXIF orientation; no pixel decoded.
+
+    Every encoded image passes here before any decoder allocates pixels. A
+    file whose header Pillow cannot read is refused, never handed to a
+    native decoder to find out.
 
     Raises
     ------
     _BadImage
-        If the image has more than ``max_pixels`` pixels.
+        For an unreadable header, or more than ``max_pixels`` pixels.
     """
     try:
-        with _pillow_checks_at_most(max_pixels):
-            img = Image.open(io.BytesIO(data))
+        img = _open_unloaded(data, max_pixels)
         width, height = img.size
-    except Exception:  # unknown format or a broken header: the decoders name the problem
-        return None
+    except UnidentifiedImageError:
+        raise _BadImage("not an image file (unrecognised format)") from None
+    except Exception as exc:  # each format's parser fails in its own way
+        if _truncated(str(exc)):
+            raise _BadImage(_TRUNCATED) from None
+        raise _BadImage(f"corrupt image header ({_decoder_detail(str(exc))})") from None
     _check_pixels(width, height, max_pixels)
-    try:
-        orientation = int(img.getexif().get(0x0112, 1))
-    except Exception:  # a broken EXIF block does not make the pixels unreadable
-        orientation = 1
-    return _Header(img.format or "image", width, height, orientation)
+    orientation = 1
+    if img.format in ("JPEG", "MPO"):  # for the DCT-reduced path (a PNG's getexif() decodes the pixels)
+        try:
+            orientation = int(img.getexif().get(0x0112, 1))
+        except Exception:  # a broken EXIF block does not make the pixels unreadable
+            pass
+    return img, _Header(img.format or "image", width, height, orientation)
+
+
+#: Formats decoded by torchvision (libjpeg-turbo: about 1.4x Pillow's speed on the
+#: hymenoptera photos); everything else by Pillow. Not PNG: torchvision 0.29's PNG decoder
+#: crashes the process (SIGSEGV) on any libpng error, a flipped bit in the image data
+#: included (found by tests/_fuzz.py). GIF and WebP decode to the same pixels either way.
+_TORCHVISION_FORMATS = {"JPEG", "MPO"}
 
 
 def _decode_bytes(data: bytes, min_size: SizeNeeded | None = None,
                   max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> torch.Tensor:
     from torchvision.io import ImageReadMode, decode_image
 
-    header = _read_header(data, max_pixels)
-    if min_size is not None and header is not None and header.format == "JPEG":
-        reduced = _decode_jpeg_reduced(data, header, min_size, max_pixels)
+    img, header = _read_header(data, max_pixels)
+    if header.format not in _TORCHVISION_FORMATS:
+        return _load_with_pillow(img, header)
+    if min_size is not None and header.format in ("JPEG", "MPO"):
+        reduced = _decode_jpeg_reduced(img, header, min_size)
         if reduced is not None:
             return reduced
-
     encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             image = decode_image(encoded, mode=ImageReadMode.RGB, apply_exif_orientation=True)
     except RuntimeError as exc:
-        message = str(exc)
-        if "Unsupported image file" not in message:
-            raise _BadImage(_decoder_reason(message, header)) from None
-        return _decode_with_pillow(data, max_pixels)
+        if "Unsupported image file" in str(exc):  # a variant torchvision does not take
+            return _load_with_pillow(img, header)
+        raise _BadImage(_decoder_reason(str(exc), header)) from None
     except MemoryError:
         raise _BadImage(_out_of_memory(header)) from None
     if image.ndim == 4:  # animated GIF / WebP: the first frame
@@ -376,27 +398,37 @@ def _decode_bytes(data: bytes, min_size: SizeNeeded | None = None,
 # Decoder messages (torchvision's libjpeg / libpng / libwebp / giflib wrappers, Pillow)
 # that mean the data stops early.
 _TRUNCATION = ("truncated", "incomplete", "premature end", "out of bound read", "unexpected end",
-               "dgifslurp() failed - 102", "not enough data", "buffer is too small")
+               "dgifslurp() failed - 102", "not enough data", "buffer is too small", "truncated file read")
 _ALLOCATION = ("bad_alloc", "out of memory", "cannot allocate", "memory allocation")
 
 
-def _decoder_reason(message: str, header: _Header | None) -> str:
-    """A decoder's error message as a reason a person understands (no source file or line)."""
-    lower = message.lower()
-    if any(word in lower for word in _TRUNCATION):
-        return "truncated file: the image data ends early"
-    if any(word in lower for word in _ALLOCATION):
-        return _out_of_memory(header)
+def _decoder_detail(message: str) -> str:
+    """A decoder message without the decoder's source file or line."""
     # "decode_jpeg, /path/decode_jpeg.cpp:171, Quantization table 0x00 was not defined" -> the last part
     detail = re.sub(r"^\w+, [^,]*\.(?:cpp|c|h|hpp):\d+, ", "", message.strip())
-    detail = re.sub(r"\s*\(?\bline \d+\)?", "", detail).strip(" .") or "the decoder refused it"
-    kind = header.format if header is not None else "image"
-    return f"corrupt {kind} data ({detail.splitlines()[0][:200]})"
+    detail = re.sub(r"\s*\(?\bline \d+\)?", "", detail).strip(" .")
+    return (detail.splitlines() or ["the decoder refused it"])[0][:200] or "the decoder refused it"
 
 
-def _out_of_memory(header: _Header | None) -> str:
-    size = f" a {header.width} x {header.height} image" if header is not None else ""
-    return f"out of memory while decoding{size}"
+_TRUNCATED = "truncated file: the image data ends early"
+
+
+def _truncated(message: str) -> bool:
+    return any(word in message.lower() for word in _TRUNCATION)
+
+
+def _decoder_reason(message: str, header: _Header) -> str:
+    """A decoder's error message as a reason a person understands."""
+    lower = message.lower()
+    if _truncated(message):
+        return _TRUNCATED
+    if any(word in lower for word in _ALLOCATION):
+        return _out_of_memory(header)
+    return f"corrupt {header.format} data ({_decoder_detail(message)})"
+
+
+def _out_of_memory(header: _Header) -> str:
+    return f"out of memory while decoding a {header.width} x {header.height} image"
 
 
 #: Reduced JPEGs keep at least this many times the size the caller needs. libjpeg's scaled
@@ -407,8 +439,7 @@ def _out_of_memory(header: _Header | None) -> str:
 _MARGIN = 2
 
 
-def _decode_jpeg_reduced(data: bytes, header: _Header, min_size: SizeNeeded,
-                         max_pixels: int | None) -> torch.Tensor | None:
+def _decode_jpeg_reduced(img: Image.Image, header: _Header, min_size: SizeNeeded) -> torch.Tensor | None:
     """Decode a JPEG scaled down in its DCT when it is at least 4x the size needed, else None."""
     width, height = header.width, header.height
     transposed = header.orientation in _TRANSPOSING
@@ -418,35 +449,17 @@ def _decode_jpeg_reduced(data: bytes, header: _Header, min_size: SizeNeeded,
     need_h, need_w = _MARGIN * need_h, _MARGIN * need_w
     if height < 2 * need_h or width < 2 * need_w:
         return None  # no power-of-two reduction fits: decode in full
-    with _pillow_checks_at_most(max_pixels):
-        img = Image.open(io.BytesIO(data))
     img.draft("RGB", (need_w, need_h))  # the largest 1/2, 1/4, 1/8 that stays >= (need_w, need_h)
-    try:
-        img.load()
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise _BadImage(_decoder_reason(str(exc), header)) from None
-    except MemoryError:
-        raise _BadImage(_out_of_memory(header)) from None
-    return _from_pil(img)
+    return _load_with_pillow(img, header)
 
 
-def _decode_with_pillow(data: bytes, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> torch.Tensor:
-    try:
-        with _pillow_checks_at_most(max_pixels):
-            img = Image.open(io.BytesIO(data))
-    except UnidentifiedImageError:
-        raise _BadImage("not an image file (unrecognised format)") from None
-    except Image.DecompressionBombError as exc:
-        raise _BadImage(f"too many pixels ({exc})") from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise _BadImage(_decoder_reason(str(exc), None)) from None
-    header = _Header(img.format or "image", img.size[0], img.size[1], 1)
-    _check_pixels(header.width, header.height, max_pixels)
+def _load_with_pillow(img: Image.Image, header: _Header) -> torch.Tensor:
+    """Decode an opened (header-checked) image's pixels with Pillow."""
     try:
         with img:
             img.load()
             return _from_pil(img)
-    except (OSError, SyntaxError, ValueError) as exc:
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as exc:
         raise _BadImage(_decoder_reason(str(exc), header)) from None
     except MemoryError:
         raise _BadImage(_out_of_memory(header)) from None

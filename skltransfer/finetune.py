@@ -343,14 +343,16 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
         return extract_features(runner, items, batch_size=batch_size, device=device,
                                 num_workers=self.num_workers, max_image_pixels=self.max_image_pixels)
 
-    # -- persistence: weights as CPU tensors, the module rebuilt on load -----------------
+    # -- persistence: weights as plain arrays, the module rebuilt from its name on load ---
+    # (arrays, not tensors: skltransfer.save stores them without pickle)
 
     def __getstate__(self):
         state = super().__getstate__()
         if "model_" in state:
             state = dict(state)
             model = state.pop("model_")
-            state["_model_state"] = {k: v.detach().to("cpu").clone() for k, v in model.state_dict().items()}
+            state["_model_state"] = {k: v.detach().to("cpu").contiguous().numpy().copy()
+                                     for k, v in model.state_dict().items()}
             state["_model_digest"] = weights_digest(model)
         return state
 
@@ -362,7 +364,8 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
         super().__setstate__(state)
         if model_state is not None:
             model, _, _ = build_classifier_architecture(self.backbone, len(self.classes_))
-            model.load_state_dict(model_state)
+            # Tensors in files written before the arrays.
+            model.load_state_dict({k: torch.as_tensor(v) for k, v in model_state.items()})
             model.eval().requires_grad_(False).to(memory_format=torch.channels_last)
             if digest is not None and weights_digest(model) != digest:
                 raise ValueError("the fine-tuned weights did not survive unpickling intact")

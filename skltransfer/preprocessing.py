@@ -31,6 +31,10 @@ __all__ = ["CROP_POLICIES", "Preprocessing"]
 #: (a 32 px CIFAR image has no border to spare), ``"center"`` otherwise.
 CROP_POLICIES = ("auto", "center", "none", "pad")
 
+#: Resized sides longer than this many times the crop are cut before resizing (see
+#: ``Preprocessing._keep_what_the_crop_keeps``); no photo comes near it.
+_MAX_STRETCH = 8
+
 _INTERPOLATIONS = {
     "nearest": InterpolationMode.NEAREST,
     "bilinear": InterpolationMode.BILINEAR,
@@ -172,13 +176,36 @@ class Preprocessing:
         """Resize and crop one ``(3, H, W)`` uint8 image to ``input_size``."""
         height, width = image.shape[-2:]
         policy = self.policy(height, width)
-        image = F.resize(image, list(self.resized_size(height, width)),
-                         interpolation=_INTERPOLATIONS[self.interpolation], antialias=True)
+        size = self.resized_size(height, width)
+        if policy == "center":
+            image, size = self._keep_what_the_crop_keeps(image, size)
+        image = F.resize(image, list(size), interpolation=_INTERPOLATIONS[self.interpolation], antialias=True)
         if policy == "none":
             return image
         if policy == "pad":
             return self._letterbox(image)
         return F.center_crop(image, list(self.input_size))
+
+    def _keep_what_the_crop_keeps(self, image: torch.Tensor, size: tuple[int, int]):
+        """For an extreme aspect ratio, resize only the middle of the long side that the crop keeps.
+
+        A 1 x 60,000 strip resized short side first would become 256 x 15 million pixels (12 GB)
+        before the centre crop kept 224 of them. Past ``_MAX_STRETCH`` times the crop, the source
+        is cut to the part that maps onto twice the crop (a wide margin for the resampling
+        filter) and that part is resized at the same scale. Ordinary images are not touched.
+        """
+        height, width = image.shape[-2:]
+        out_h, out_w = size
+        crop_h, crop_w = self.input_size
+        if out_h > _MAX_STRETCH * crop_h:
+            keep = max(1, math.ceil(2 * crop_h * height / out_h))
+            top = (height - keep) // 2
+            image, out_h = image[:, top : top + keep], 2 * crop_h
+        if out_w > _MAX_STRETCH * crop_w:
+            keep = max(1, math.ceil(2 * crop_w * width / out_w))
+            left = (width - keep) // 2
+            image, out_w = image[:, :, left : left + keep], 2 * crop_w
+        return image, (out_h, out_w)
 
     def _letterbox(self, image: torch.Tensor) -> torch.Tensor:
         size = image.shape[-2:]
