@@ -12,7 +12,8 @@ Prints the CPU model, then images/s for:
   ours         PretrainedFeatures end to end from JPEG files (cache off), per engine, for
                num_workers 0, 1, 2 (float32), and with precision="bfloat16" where native;
 then ours / that engine's model only (goal >= 0.85) and ours / loop (goal >= 4 in float32,
->= 6 in bfloat16), peak RSS, and the torch batch-size sweep behind batch_size="auto".
+>= 6 in bfloat16), the cost of the header check behind max_image_pixels (goal < 2 % of
+the end-to-end time), peak RSS, and the torch batch-size sweep behind batch_size="auto".
 
     python benchmarks/extract.py [--data ../shared/data] [--backbone NAME] [--repeat 2]
 """
@@ -22,7 +23,6 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
-import platform
 import resource
 import time
 import warnings
@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from _machine import cpu_model
 from skltransfer import PretrainedFeatures, load_image_folder
 from skltransfer.backbones import load_backbone, shared_backbone
 from skltransfer.decoding import decode_rgb
@@ -44,16 +45,6 @@ def peak_rss_mb() -> float:
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     return max(own, children) / 1024
-
-
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def raw_throughput(name: str, paths: list[str], folded: bool = True, batch_size: int | None = None,
@@ -91,6 +82,17 @@ def decode_seconds(name: str, paths: list[str]) -> float:
     elapsed = time.perf_counter() - start
     torch.set_num_threads(before)
     return elapsed / len(paths)
+
+
+def header_seconds(paths: list[str]) -> float:
+    """The pixel-limit check alone: reading each file's header (format, size, orientation)."""
+    from skltransfer.decoding import DEFAULT_MAX_IMAGE_PIXELS, _read_header
+
+    files = [Path(p).read_bytes() for p in paths]
+    start = time.perf_counter()
+    for data in files:
+        _read_header(data, DEFAULT_MAX_IMAGE_PIXELS)
+    return (time.perf_counter() - start) / len(files)
 
 
 def ours_throughput(name: str, paths: list[str], workers: int, engine: str = "auto",
@@ -161,6 +163,10 @@ def main() -> None:
         print(f"best {precision}: {engine} num_workers={workers}: {runs[best]:.1f} images/s = "
               f"{runs[best] / loop:.1f}x per-image loop (goal >= {goal}), "
               f"{runs[best] / raw[engine, precision]:.2f}x its model only (goal >= 0.85)")
+    header = header_seconds(once)
+    best_float32 = max(rate for key, rate in ours.items() if key[1] == "float32")
+    print(f"header check (pixel limit) {1e6 * header:.0f} us/image = {100 * header * best_float32:.2f} % of "
+          f"the best float32 end-to-end time per image (goal < 2 %)", flush=True)
     print(f"peak RSS {peak_rss_mb():.0f} MB (before the batch sweep)", flush=True)
     sweep = {bs: raw_throughput(args.backbone, once, batch_size=bs) for bs in (2, 4, 6, 8, 16, 32)}
     print("torch model by batch size (what batch_size='auto' rests on): "

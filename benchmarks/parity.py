@@ -17,7 +17,6 @@ flowers5 on a stable 80/20 split, hymenoptera on its own train/test folders.
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 from pathlib import Path
 
@@ -29,21 +28,12 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from _machine import cpu_model
 from skltransfer import PretrainedFeatures, load_image_folder, stable_train_test_split
 from skltransfer.backbones import load_backbone
 from skltransfer.decoding import decode_rgb
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def reference_features(paths: list[str]) -> np.ndarray:

@@ -27,7 +27,6 @@ import hashlib
 import importlib
 import os
 import threading
-import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -366,18 +365,11 @@ def _model_identity(base: Backbone, pooling: str, layers, tta) -> dict[str, Any]
 
 
 def _compiled(base: Backbone, precision: str, identity, engine_dir) -> Backbone:
-    from .engines import EngineFallbackWarning, compile_openvino
+    from .engines import compile_openvino_or_warn
 
-    try:
-        model = compile_openvino(base.model, base.preprocessing, precision=precision,
-                                 identity=identity, directory=engine_dir)
-    except Exception as exc:  # conversion errors come in many types
-        warnings.warn(EngineFallbackWarning(
-            f"backbone {base.name!r} could not be converted to OpenVINO "
-            f"({type(exc).__name__}: {str(exc)[:300]}); it runs with torch instead. "
-            "Pass engine='torch' to skip the attempt."), stacklevel=4)
-        return base
-    return dataclasses.replace(base, model=model, engine="openvino")
+    model = compile_openvino_or_warn(base.model, base.preprocessing, f"backbone {base.name!r}",
+                                     precision=precision, identity=identity, directory=engine_dir)
+    return base if model is None else dataclasses.replace(base, model=model, engine="openvino")
 
 
 def clear_shared_backbones() -> None:

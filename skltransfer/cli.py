@@ -413,7 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "FineTuneClassifier, the backbone's last layers trained too")
     train.add_argument("--unfreeze", default="2", help="finetune: layer groups to train (an int or 'all')")
     train.add_argument("--epochs", type=int, default=10, help="finetune: epochs with --unfreeze applied")
-    train.add_argument("--head-epochs", type=int, default=1, help="finetune: head-only epochs first")
+    train.add_argument("--head-epochs", type=int, default=0,
+                       help="finetune: head-only epochs first (default 0, as FineTuneClassifier)")
     train.add_argument("--C", type=float, default=0.5, help="inverse regularisation of the logistic head")
     train.add_argument("--validation-fraction", type=float, default=0.2)
     train.add_argument("--refit", action="store_true", help="after validating, refit on every image")

@@ -47,6 +47,7 @@ __all__ = [
     "EngineFallbackWarning",
     "OpenVINOModel",
     "compile_openvino",
+    "compile_openvino_or_warn",
     "native_bfloat16",
     "openvino_available",
     "resolve_engine",
@@ -279,6 +280,19 @@ def compile_openvino(
         "PERFORMANCE_HINT": "LATENCY",  # one request uses every core
     })
     return OpenVINOModel(compiled)
+
+
+def compile_openvino_or_warn(model: nn.Module, preprocessing: Preprocessing, what: str, *,
+                             precision: str = "float32", identity: dict[str, Any] | None = None,
+                             directory: str | os.PathLike | None = None) -> OpenVINOModel | None:
+    """:func:`compile_openvino`, or None after one :class:`EngineFallbackWarning` naming ``what`` and why."""
+    try:
+        return compile_openvino(model, preprocessing, precision=precision, identity=identity, directory=directory)
+    except Exception as exc:  # conversion errors come in many types
+        warnings.warn(EngineFallbackWarning(
+            f"{what} could not be converted to OpenVINO ({type(exc).__name__}: {str(exc)[:300]}); "
+            "it runs with torch instead. Pass engine='torch' to skip the attempt."), stacklevel=4)
+        return None
 
 
 # digest -> converted model: a process converts a configuration once, whatever

@@ -182,6 +182,7 @@ class PretrainedFeatures(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
     def __init__(
         self,
         backbone: str | nn.Module = "tf_efficientnet_lite0",
+        *,
         weights: str | os.PathLike | None = "pretrained",
         pooling: str = "avg",
         crop: str = "auto",

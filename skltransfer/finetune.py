@@ -174,6 +174,7 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
     def __init__(
         self,
         backbone: str = "tf_efficientnet_lite0",
+        *,
         weights: str | os.PathLike | None = "pretrained",
         unfreeze: int | str | list[str] = 2,
         epochs: int = 10,

@@ -19,7 +19,6 @@ from __future__ import annotations
 import copy
 import os
 import threading
-import warnings
 import weakref
 
 import torch
@@ -138,19 +137,14 @@ def _torch_copy(model: nn.Module, device, copies: dict) -> nn.Module:
 
 def _compiled_copy(model: nn.Module, folded: nn.Module, preprocessing, engine_dir):
     from .backbones import weights_digest
-    from .engines import EngineFallbackWarning, compile_openvino
+    from .engines import compile_openvino_or_warn
 
     identity = {"fine-tuned": weights_digest(model), "architecture": type(model).__name__,
                 "input_size": list(preprocessing.input_size), "mean": list(preprocessing.mean),
                 "std": list(preprocessing.std)}
-    try:
-        return compile_openvino(folded, preprocessing, identity=identity, directory=engine_dir)
-    except Exception as exc:  # conversion errors come in many types
-        warnings.warn(EngineFallbackWarning(
-            f"the fine-tuned {type(model).__name__} could not be converted to OpenVINO "
-            f"({type(exc).__name__}: {str(exc)[:300]}); it predicts with torch instead. "
-            "Pass engine='torch' to skip the attempt."), stacklevel=4)
-        return folded
+    compiled = compile_openvino_or_warn(folded, preprocessing, f"the fine-tuned {type(model).__name__}",
+                                        identity=identity, directory=engine_dir)
+    return folded if compiled is None else compiled
 
 
 def forget_inference_copies(model: nn.Module) -> None:

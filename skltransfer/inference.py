@@ -3,7 +3,10 @@
 One job: given a :class:`~skltransfer.backbones.Backbone` and a sequence of
 image items, return their feature rows. Decoding, resizing and cropping run
 per image (in DataLoader workers when ``num_workers > 0``) and yield
-``uint8`` tensors; normalisation runs once per batch on the model's device.
+``uint8`` tensors; normalisation runs once per batch on the model's device
+(or inside the compiled model, :mod:`~skltransfer.engines`). Two batches are
+in flight: an engine that computes on its own threads (OpenVINO) works on one
+while the next is decoded.
 
 A bad image does not stop the scan: the model stops running, the remaining
 inputs are still decoded so that one :class:`~skltransfer.decoding.ImageLoadError`
@@ -220,7 +223,7 @@ class _PreprocessedImages(Dataset):
         return len(self.items)
 
     def __getitem__(self, index: int):
-        # JPEGs much larger than needed are decoded reduced, never below what the resize needs.
+        # JPEGs 4x larger than the resize needs are decoded reduced, never below twice that.
         pixels, reason = try_decode_rgb(self.items[index], self.preprocessing.resized_size,
                                         max_pixels=self.max_pixels)
         if pixels is None:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import pickle
 
 import numpy as np
+import pytest
 
 from skltransfer import PretrainedFeatures, load_image_folder
+from skltransfer.engines import native_bfloat16
 
 from _support import TINY
 
@@ -15,6 +17,7 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
 
+@pytest.mark.skipif(not native_bfloat16(), reason="this CPU has no native bfloat16: precision='bfloat16' is refused")
 def test_bfloat16_features_agree_with_float32_and_are_cached_apart(image_folder, tmp_path):
     paths, _ = load_image_folder(image_folder)
     cache = tmp_path / "cache"
@@ -49,3 +52,12 @@ def test_a_model_pickled_before_the_precision_parameter_runs_in_float32(image_fo
     old.__setstate__(pickle.loads(pickle.dumps(state)))
     assert old.get_params()["precision"] == "float32"
     np.testing.assert_array_equal(old.transform(paths), fitted.transform(paths))
+
+
+def test_bfloat16_on_a_cpu_without_it_is_refused_at_fit_saying_why(image_folder, monkeypatch):
+    from skltransfer import engines
+
+    monkeypatch.setattr(engines, "native_bfloat16", lambda: False)
+    paths, _ = load_image_folder(image_folder)
+    with pytest.raises(ValueError, match="native bfloat16"):
+        PretrainedFeatures(TINY, weights=None, precision="bfloat16", device="cpu").fit(paths)

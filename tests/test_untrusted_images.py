@@ -99,3 +99,18 @@ def test_both_estimators_take_the_limit(tmp_path):
         clf.fit(images, [0, 1, 0, 1])
     clf.set_params(max_image_pixels=None).fit(images, [0, 1, 0, 1])
     assert clf.predict(images).shape == (4,)
+
+
+def test_cli_predict_writes_an_error_row_for_a_bomb_and_goes_on(image_folder, tmp_path):
+    from skltransfer.cli import main
+
+    model = tmp_path / "model.skops"
+    assert main(["train", str(image_folder), "--backbone", TINY, "--weights", "none", "--out", str(model),
+                 "--no-cache", "--quiet"]) == 0
+    (image_folder / "red" / "bomb.png").write_bytes(png_claiming(60_000, 60_000))
+    out = tmp_path / "p.csv"
+    assert main(["predict", str(model), str(image_folder), "--no-cache", "--quiet", "--out", str(out)]) == 3
+    rows = out.read_text().strip().splitlines()
+    assert len(rows) == 1 + 17
+    (bomb,) = [row for row in rows if "bomb.png" in row]
+    assert "too many pixels" in bomb and "60000 x 60000" in bomb
