@@ -5,10 +5,10 @@
 set -euo pipefail
 data="${1:-$(dirname "$0")/../../shared/data/hymenoptera}"
 out="$(mktemp -d)"
-skltransfer train "$data/train" --out "$out/model.joblib" --quiet
+skltransfer train "$data/train" --out "$out/model.skops" --quiet
 printf 'not an image\n' > "$out/broken.jpg"      # one bad file: it becomes an error row
 set +e
-skltransfer predict "$out/model.joblib" "$data/test" "$out/broken.jpg" --top-k 2 --out "$out/predictions.csv" --quiet
+skltransfer predict "$out/model.skops" "$data/test" "$out/broken.jpg" --top-k 2 --out "$out/predictions.csv" --quiet
 code=$?
 set -e
 echo "predict exit code: $code (3 = finished, some images unreadable)"

@@ -75,10 +75,12 @@ left.barh(labels, [rates[k] for k in labels], color=["#888888", "#1f77b4", "#aec
 left.set_xlabel("images / s, end to end")
 left.set_title("Speed")
 left.invert_yaxis()
+bins = np.logspace(-9.5, -1, 35)
 for label in labels[1:]:
-    right.hist(1 - cosine(features[label], reference), bins=30, alpha=0.7, label=label)
-right.set_xscale("symlog", linthresh=1e-7)
-right.set_xlabel("1 - cosine(features, torch float32 features)")
+    distance = np.clip(1 - cosine(features[label], reference), 1e-9, None)  # float rounding: 0 or below
+    right.hist(distance, bins=bins, alpha=0.7, label=label)
+right.set_xscale("log")
+right.set_xlabel("1 - cosine to torch float32 (floored at 1e-9)")
 right.set_ylabel("images")
 right.set_title("Agreement with torch float32")
 right.legend()

@@ -1,4 +1,4 @@
-"""Quickstart: an image classifier from a folder of photos, saved as one joblib file.
+"""Quickstart: an image classifier from a folder of photos, saved as one file.
 
     python examples/quickstart.py [PHOTOS_DIR]
 
@@ -10,10 +10,10 @@ Runs offline: the default backbone's ImageNet weights ship with the package.
 import sys
 from pathlib import Path
 
-import joblib
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 
+import skltransfer
 from skltransfer import PretrainedFeatures, load_image_folder, stable_train_test_split
 
 root = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parents[2] / "shared/data/hymenoptera"
@@ -28,5 +28,5 @@ clf.fit(train, y_train)
 print(f"test accuracy: {clf.score(test, y_test):.1%} on {len(test)} images")
 for path, label in zip(test[:3], clf.predict(test[:3])):
     print(f"  {path} -> {label}")
-joblib.dump(clf, "quickstart.joblib")
-print("saved quickstart.joblib")
+skltransfer.save(clf, "quickstart.skops")  # skltransfer.load reads it back without running code
+print("saved quickstart.skops")
