@@ -24,6 +24,7 @@ row, on disk, shared by every process that points at the same folder.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -32,7 +33,7 @@ import sqlite3
 import threading
 import time
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +42,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-__all__ = ["CacheInfo", "FeatureCache", "content_keys", "default_cache_dir", "feature_config_id"]
+__all__ = ["CacheInfo", "FeatureCache", "cached_features", "content_keys", "default_cache_dir", "feature_config_id"]
 
 CACHE_DIR_ENV = "SKLTRANSFER_CACHE_DIR"
 _DB_NAME = "features.sqlite3"
@@ -273,19 +274,8 @@ class FeatureCache:
         An OS file lock: released by the kernel if its holder dies, so a
         killed process never blocks the others.
         """
-        try:
-            import fcntl
-        except ImportError:  # no POSIX locks (Windows): computing twice is still correct
+        with file_lock(self.path.parent / "locks" / f"{config}.lock"):
             yield
-            return
-        lock_dir = self.path.parent / "locks"
-        lock_dir.mkdir(parents=True, exist_ok=True)
-        with open(lock_dir / f"{config}.lock", "a+b") as handle:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
     # -- the path index -------------------------------------------------------
 
@@ -394,6 +384,97 @@ def _chunks(values: list, size: int = _CHUNK):
 
 
 # -- content keys ------------------------------------------------------------------
+
+
+@contextmanager
+def file_lock(path: str | os.PathLike) -> Iterator[None]:
+    """An exclusive OS file lock on ``path`` (created with its folder); the kernel releases it if we die.
+
+    Without POSIX locks (Windows) it does not lock: the work it guards is
+    then done twice at worst, never wrongly.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+b") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+#: ``compute(items, keep)``: the rows of ``items``, calling ``keep(positions, rows)`` after
+#: every batch; raises ``ImageLoadError`` (positions in ``items``) after computing the rest.
+Compute = Callable[[Sequence[Any], Callable[[list[int], np.ndarray], None]], np.ndarray]
+
+
+def cached_features(
+    store: FeatureCache, config: str, items: Sequence[Any], width: int, compute: Compute
+) -> tuple[np.ndarray, CacheInfo]:
+    """Rows for ``items`` under configuration ``config``: stored ones read, only the rest computed.
+
+    The protocol, in one place: content keys; hits read in bulk; the
+    configuration's compute lock (one process computes a configuration at a
+    time, others wait and then read its rows); a second read after the wait;
+    every computed batch stored as it arrives, so an error or a kill loses at
+    most the batch in flight.
+
+    Parameters
+    ----------
+    store : FeatureCache
+    config : str
+        The configuration's id (:func:`feature_config_id`).
+    items : sequence
+        Image items (paths, bytes, PIL images, arrays).
+    width : int
+        Row width.
+    compute : callable
+        ``compute(missing_items, keep) -> rows``; see ``Compute``.
+
+    Returns
+    -------
+    features : ndarray of shape (len(items), width), float32
+    info : CacheInfo
+        Hits and misses (seconds: the caller's to fill).
+
+    Raises
+    ------
+    ImageLoadError
+        From ``compute``, with positions in ``items``; every good row is stored.
+    """
+    from .decoding import ImageLoadError
+
+    keys = content_keys(items, store)
+    features = np.empty((len(items), width), dtype=np.float32)
+
+    def fill(found: dict, positions: list[int]) -> list[int]:
+        """Copy found rows in; return the positions still missing."""
+        hit = [i for i in positions if keys[i] in found]
+        if hit:
+            features[hit] = np.stack([found[keys[i]] for i in hit])
+        return [i for i in positions if keys[i] not in found]
+
+    missing = fill(store.get(config, keys, width), list(range(len(items))))
+    if missing:
+        with store.computing(config):
+            # Another process may have computed some of them while we waited.
+            missing = fill(store.get(config, [keys[i] for i in missing], width), missing)
+
+            def keep(positions: list[int], rows: np.ndarray) -> None:
+                store.put(config, [keys[missing[j]] for j in positions], rows)
+
+            if missing:
+                try:
+                    features[missing] = compute([items[i] for i in missing], keep)
+                except ImageLoadError as exc:  # positions in the misses -> positions in items
+                    raise ImageLoadError(
+                        [dataclasses.replace(f, index=missing[f.index]) for f in exc.failures]
+                    ) from None
+    return features, CacheInfo(len(items) - len(missing), len(missing), 0.0)
 
 
 def content_keys(items: Sequence[Any], cache: FeatureCache) -> list[bytes | None]:

@@ -33,6 +33,7 @@ import shutil
 import tempfile
 import threading
 import warnings
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .cache import file_lock
 from .preprocessing import Preprocessing
 
 __all__ = [
@@ -257,18 +259,20 @@ def compile_openvino(
     core = ov.Core()
     digest = None if identity is None else _conversion_digest(identity)
     saved = None if digest is None or directory is None else Path(directory) / digest / "model.xml"
-    with _CONVERTED_LOCK:
-        converted = _CONVERTED.get(digest) if digest is not None else None
-    if converted is None and saved is not None and saved.is_file():
-        try:
-            converted = core.read_model(saved)
-        except Exception:  # a damaged file: convert again and replace it
-            converted = None
-            shutil.rmtree(saved.parent, ignore_errors=True)
-    if converted is None:
-        converted = _convert(model, preprocessing)
-    if saved is not None and not saved.is_file():
-        _save_atomically(converted, saved)
+    # One process converts a configuration; others wait for its file (parallel GridSearchCV workers).
+    with file_lock(saved.parent.with_suffix(".lock")) if saved is not None else nullcontext():
+        with _CONVERTED_LOCK:
+            converted = _CONVERTED.get(digest) if digest is not None else None
+        if converted is None and saved is not None and saved.is_file():
+            try:
+                converted = core.read_model(saved)
+            except Exception:  # a damaged file: convert again and replace it
+                converted = None
+                shutil.rmtree(saved.parent, ignore_errors=True)
+        if converted is None:
+            converted = _convert(model, preprocessing)
+        if saved is not None and not saved.is_file():
+            _save_atomically(converted, saved)
     if digest is not None:
         with _CONVERTED_LOCK:
             _CONVERTED[digest] = converted

@@ -20,8 +20,8 @@ from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
 from .backbones import POOLINGS, Backbone, WeightsMismatchError, shared_backbone
-from .cache import CacheInfo, FeatureCache, content_keys, feature_config_id
-from .decoding import DEFAULT_MAX_IMAGE_PIXELS, ImageLoadError, as_image_items
+from .cache import CacheInfo, FeatureCache, cached_features, feature_config_id
+from .decoding import DEFAULT_MAX_IMAGE_PIXELS, as_image_items
 from .engines import ENGINES, resolve_engine
 from .inference import (
     PRECISIONS,
@@ -284,44 +284,17 @@ class PretrainedFeatures(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
             verbose=self.verbose,
         )
         start = time.perf_counter()
+
+        def compute(missing, keep):
+            # Under the cache's lock: the other processes wait for this one, so it may use every core.
+            with all_cores():
+                return extract_features(backbone, missing, on_batch=keep, keep_going=True, **run)
+
         if store is None:
-            features = extract_features(backbone, items, **run)
-            self.cache_info_ = CacheInfo(0, len(items), time.perf_counter() - start)
-            return features
-
-        config = feature_config_id(self._feature_config(backbone, precision))
-        keys = content_keys(items, store)
-        found = store.get(config, keys, backbone.num_features)
-        features = np.empty((len(items), backbone.num_features), dtype=np.float32)
-        hit = [i for i, key in enumerate(keys) if key in found]
-        if hit:
-            features[hit] = np.stack([found[keys[i]] for i in hit])
-        missing = [i for i, key in enumerate(keys) if key not in found]
-        self.cache_info_ = CacheInfo(len(items) - len(missing), len(missing), 0.0)
-        if missing:
-            # One process computes a configuration at a time; the others wait
-            # for its results, so it may use all the cores.
-            with store.computing(config), all_cores():
-                # Another process may have computed some of them while we waited.
-                late = store.get(config, [keys[i] for i in missing], backbone.num_features)
-                for i in missing:
-                    if keys[i] in late:
-                        features[i] = late[keys[i]]
-                missing = [i for i in missing if keys[i] not in late]
-                self.cache_info_ = CacheInfo(len(items) - len(missing), len(missing), 0.0)
-
-                def keep(indices, rows):
-                    store.put(config, [keys[missing[j]] for j in indices], rows)
-
-                try:
-                    if missing:
-                        features[missing] = extract_features(
-                            backbone, [items[i] for i in missing], on_batch=keep, keep_going=True, **run
-                        )
-                except ImageLoadError as exc:  # positions in the misses -> positions in X
-                    raise ImageLoadError(
-                        [dataclasses.replace(f, index=missing[f.index]) for f in exc.failures]
-                    ) from None
+            features, self.cache_info_ = extract_features(backbone, items, **run), CacheInfo(0, len(items), 0.0)
+        else:
+            config = feature_config_id(self._feature_config(backbone, precision))
+            features, self.cache_info_ = cached_features(store, config, items, backbone.num_features, compute)
         self.cache_info_.seconds = time.perf_counter() - start
         return features
 
