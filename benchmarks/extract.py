@@ -32,7 +32,8 @@ import torch
 
 from _machine import cpu_model
 from skltransfer import PretrainedFeatures, load_image_folder
-from skltransfer.backbones import load_backbone, shared_backbone
+from skltransfer.backbones import load_backbone
+from skltransfer.registry import shared_backbone
 from skltransfer.decoding import decode_rgb
 from skltransfer.engines import native_bfloat16
 from skltransfer.inference import PRECISIONS, _start, resolve_batch_size, tune_allocator

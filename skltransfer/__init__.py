@@ -6,13 +6,9 @@
 >>> clf = make_pipeline(PretrainedFeatures(), LogisticRegression(max_iter=1000))
 """
 
-from .backbones import (
-    BackboneUnavailableError,
-    WeightsMismatchError,
-    clear_shared_backbones,
-    load_backbone,
-    offline_backbones,
-)
+from .backbones import load_backbone
+from .registry import clear_shared_backbones
+from .weights import BackboneUnavailableError, WeightsMismatchError, offline_backbones
 from .cache import CacheInfo, FeatureCache
 from .datasets import load_image_folder, stable_train_test_split
 from .decoding import ImageFailure, ImageLoadError

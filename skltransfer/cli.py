@@ -315,7 +315,7 @@ def _cache(args: argparse.Namespace) -> int:
 
 
 def _backbones(args: argparse.Namespace) -> int:
-    from .backbones import available_backbones
+    from .weights import available_backbones
 
     rows = available_backbones()
     width = max(len(r["name"]) for r in rows)
@@ -484,7 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
-    from .backbones import BackboneUnavailableError, WeightsMismatchError
+    from .weights import BackboneUnavailableError, WeightsMismatchError
     from .decoding import ImageLoadError
 
     args = build_parser().parse_args(argv)

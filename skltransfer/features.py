@@ -19,7 +19,10 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
-from .backbones import POOLINGS, Backbone, WeightsMismatchError, shared_backbone
+from .backbones import Backbone
+from .pooling import POOLINGS
+from .registry import shared_backbone
+from .weights import WeightsMismatchError
 from .cache import CacheInfo, FeatureCache, cached_features, feature_config_id
 from .decoding import DEFAULT_MAX_IMAGE_PIXELS, as_image_items
 from .engines import ENGINES, resolve_engine

@@ -21,7 +21,8 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.class_weight import compute_class_weight
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted
-from .backbones import Backbone, build_classifier_architecture, load_classifier, weights_digest
+from .backbones import Backbone, build_classifier_architecture, load_classifier
+from .weights import weights_digest
 from .cache import default_cache_dir
 from .decoding import DEFAULT_MAX_IMAGE_PIXELS, as_image_items
 from .engines import ENGINES, resolve_engine

@@ -136,7 +136,7 @@ def _torch_copy(model: nn.Module, device, copies: dict) -> nn.Module:
 
 
 def _compiled_copy(model: nn.Module, folded: nn.Module, preprocessing, engine_dir):
-    from .backbones import weights_digest
+    from .weights import weights_digest
     from .engines import compile_openvino_or_warn
 
     identity = {"fine-tuned": weights_digest(model), "architecture": type(model).__name__,

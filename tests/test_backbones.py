@@ -7,14 +7,10 @@ import pytest
 import torch
 
 from _support import TINY
-from skltransfer import backbones
-from skltransfer.backbones import (
-    BackboneUnavailableError,
-    WeightsMismatchError,
-    load_backbone,
-    offline_backbones,
-    shared_backbone,
-)
+from skltransfer import registry, weights
+from skltransfer.backbones import load_backbone
+from skltransfer.registry import shared_backbone
+from skltransfer.weights import BackboneUnavailableError, WeightsMismatchError, offline_backbones
 
 
 def _imagenet_top5(model_name: str, image: np.ndarray) -> list[int]:
@@ -125,8 +121,8 @@ def test_a_missing_or_unreadable_weight_file_is_named(tmp_path):
 
 
 def test_offline_timm_download_fails_fast_and_names_the_backbone(monkeypatch):
-    monkeypatch.setattr(backbones, "_timm_weights_cached", lambda name: False)
-    monkeypatch.setattr(backbones, "_hub_reachable", lambda: False)
+    monkeypatch.setattr(weights, "_timm_weights_cached", lambda name: False)
+    monkeypatch.setattr(weights, "_hub_reachable", lambda: False)
     with pytest.raises(BackboneUnavailableError, match=r"'resnet18'.*weights='/path/to/file.pth'"):
         load_backbone("resnet18")
 
@@ -167,8 +163,8 @@ def test_a_users_module_is_pooled_and_left_untouched():
 
 def test_shared_backbone_builds_once_per_configuration(monkeypatch):
     calls = []
-    real = backbones.load_backbone
-    monkeypatch.setattr(backbones, "load_backbone", lambda *a, **k: calls.append(a) or real(*a, **k))
+    real = registry.load_backbone
+    monkeypatch.setattr(registry, "load_backbone", lambda *a, **k: calls.append(a) or real(*a, **k))
     first = shared_backbone(TINY, None, "avg")
     assert shared_backbone(TINY, None, "avg") is first
     assert shared_backbone(TINY, None, "max") is not first

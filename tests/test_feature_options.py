@@ -11,7 +11,7 @@ from sklearn.pipeline import Pipeline
 
 from _support import TINY, make_image
 from skltransfer import PretrainedFeatures, load_backbone, load_image_folder
-from skltransfer.backbones import pool_map
+from skltransfer.pooling import pool_map
 from skltransfer.preprocessing import Preprocessing
 
 

@@ -24,8 +24,8 @@ from skltransfer import (
     ImageLoadError,
     PretrainedFeatures,
     WeightsMismatchError,
-    backbones,
     load_image_folder,
+    registry,
 )
 
 
@@ -98,8 +98,8 @@ def test_pipeline_learns_separable_classes(image_folder):
 
 def test_gridsearch_over_two_heads_builds_the_backbone_once(image_folder, monkeypatch):
     built = []
-    real = backbones.load_backbone
-    monkeypatch.setattr(backbones, "load_backbone", lambda *a, **k: built.append(a) or real(*a, **k))
+    real = registry.load_backbone
+    monkeypatch.setattr(registry, "load_backbone", lambda *a, **k: built.append(a) or real(*a, **k))
     paths, labels = load_image_folder(image_folder)
     pipe = Pipeline([("features", tiny()), ("clf", LogisticRegression())])
     grid = GridSearchCV(
@@ -152,7 +152,7 @@ def test_pickled_estimator_rebuilds_the_backbone_and_agrees(image_folder, tmp_pa
     f = tiny().fit(paths)
     expected = f.transform(paths)
     joblib.dump(f, tmp_path / "f.joblib")
-    backbones.clear_shared_backbones()
+    registry.clear_shared_backbones()
     np.testing.assert_array_equal(joblib.load(tmp_path / "f.joblib").transform(paths), expected)
 
 

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from skltransfer import PretrainedFeatures
-from skltransfer.backbones import load_backbone, shared_backbone
+from skltransfer.backbones import load_backbone
+from skltransfer.registry import shared_backbone
 from skltransfer.fusion import fold_batchnorm, forget_inference_copies, inference_copy
 
 from _support import TINY, make_image

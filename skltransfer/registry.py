@@ -1,0 +1,152 @@
+"""The process-wide model registry: clones, folds and processes' calls share one model.
+
+One job: build a feature model once per configuration and process and hand
+the same one to every estimator that asks (``GridSearchCV`` clones, unpickled
+copies), with BatchNorm folded for inference and, for the OpenVINO engine,
+its compiled copy (:mod:`~skltransfer.engines`). Nothing here builds a model
+itself: :func:`~skltransfer.backbones.load_backbone` does.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .backbones import Backbone, BackboneSpec, load_backbone
+from .fusion import fold_batchnorm
+from .weights import WeightsSpec, weights_digest
+
+__all__ = ["clear_shared_backbones", "shared_backbone"]
+
+
+_SHARED: OrderedDict[tuple, Backbone] = OrderedDict()
+_SHARED_LOCK = threading.Lock()
+_SHARED_MAX = 4
+
+
+def shared_backbone(
+    backbone: BackboneSpec,
+    weights: WeightsSpec = "pretrained",
+    pooling: str = "avg",
+    device: str | torch.device = "cpu",
+    *,
+    layers: str | Sequence[int] = "final",
+    tta: str | None = None,
+    engine: str = "torch",
+    precision: str = "float32",
+    engine_dir: str | os.PathLike | None = None,
+) -> Backbone:
+    """Return the process-wide :class:`Backbone` for a configuration, building it once.
+
+    Estimator clones (``GridSearchCV`` folds, ``clone``, unpickled copies)
+    ask for the same configuration and get the same model. A weight file is
+    keyed by its path, size and modification time, so an edited file is
+    reloaded. A module is keyed by its class, architecture and weight
+    digest, so the copies that ``clone`` makes share one build. The registry
+    keeps the 4 most recently used models. They are inference-only: in
+    timm and torchvision models, BatchNorms are folded into the convolutions before them
+    (:func:`skltransfer.fusion.fold_batchnorm`); ``weights_digest`` is that of
+    the weights as loaded.
+
+    With ``engine="openvino"`` (CPU only) the model is the OpenVINO
+    compilation of that folded model at ``precision``
+    (:func:`skltransfer.engines.compile_openvino`), its conversion kept in
+    ``engine_dir`` for the next process. A model that does not convert
+    runs with torch, after one :class:`~skltransfer.engines.EngineFallbackWarning`.
+    ``Backbone.engine`` says which engine runs it.
+
+    Examples
+    --------
+    >>> a = shared_backbone("test_efficientnet", weights=None)
+    >>> a is shared_backbone("test_efficientnet", weights=None)
+    True
+    """
+    if isinstance(backbone, nn.Module):
+        spec = ("module", type(backbone).__qualname__, repr(backbone), weights_digest(backbone))
+    else:
+        spec = (backbone, _weights_key(weights))
+    layers_key = layers if isinstance(layers, str) else tuple(layers)
+    cpu_key = spec + (pooling, layers_key, tta, "cpu")
+    if engine == "openvino":
+        key = cpu_key + ("openvino", precision)  # wherever its conversion is kept, the same model
+    else:
+        key = cpu_key[:-1] + (str(device),)
+    table = _SHARED
+    with _SHARED_LOCK:
+        if key in table:
+            table.move_to_end(key)
+            return table[key]
+        base = table.get(cpu_key)
+        if base is None:
+            base = load_backbone(backbone, weights, pooling, layers=layers, tta=tta)
+            # Registry models only ever compute features: fold BatchNorm into
+            # the convolutions (the digest above is of the weights as loaded).
+            # Not a user's module: tracing would run its forward, side effects and all.
+            if not isinstance(backbone, nn.Module):
+                fold_batchnorm(base.model)
+            _remember(table, cpu_key, base)
+        if engine == "openvino":
+            identity = None if isinstance(backbone, nn.Module) else _model_identity(base, pooling, layers, tta)
+            compiled = _compiled(base, precision, identity, engine_dir)
+            _remember(table, key, compiled)
+            return compiled
+        if str(device) == "cpu":
+            return base
+        moved = dataclasses.replace(base, model=copy.deepcopy(base.model).to(device))
+        _remember(table, key, moved)
+        return moved
+
+
+def _model_identity(base: Backbone, pooling: str, layers, tta) -> dict[str, Any]:
+    """What determines a registry model's computation (names a saved conversion)."""
+    p = base.preprocessing
+    return {
+        "backbone": base.name,
+        "weights": base.weights_digest,
+        "pooling": pooling,
+        "layers": layers if isinstance(layers, str) else [int(i) for i in layers],
+        "tta": tta,
+        "input_size": list(p.input_size),
+        "mean": list(p.mean),
+        "std": list(p.std),
+    }
+
+
+def _compiled(base: Backbone, precision: str, identity, engine_dir) -> Backbone:
+    from .engines import compile_openvino_or_warn
+
+    model = compile_openvino_or_warn(base.model, base.preprocessing, f"backbone {base.name!r}",
+                                     precision=precision, identity=identity, directory=engine_dir)
+    return base if model is None else dataclasses.replace(base, model=model, engine="openvino")
+
+
+def clear_shared_backbones() -> None:
+    """Forget every shared model (frees their memory)."""
+    with _SHARED_LOCK:
+        _SHARED.clear()
+
+
+def _remember(table: OrderedDict, key: tuple, value: Backbone) -> None:
+    table[key] = value
+    while len(table) > _SHARED_MAX:
+        table.popitem(last=False)
+
+
+def _weights_key(weights: WeightsSpec) -> Any:
+    if weights is None or weights == "pretrained":
+        return weights
+    path = Path(weights).resolve()
+    try:
+        stat = path.stat()
+    except OSError:
+        return str(path)  # load_backbone reports the missing file
+    return (str(path), stat.st_size, stat.st_mtime_ns)
