@@ -36,7 +36,7 @@ from skltransfer.backbones import load_backbone
 from skltransfer.registry import shared_backbone
 from skltransfer.decoding import decode_rgb
 from skltransfer.engines import native_bfloat16
-from skltransfer.inference import PRECISIONS, _start, resolve_batch_size, tune_allocator
+from skltransfer.inference import PRECISIONS, _Done, _forward_within_memory, resolve_batch_size, tune_allocator
 
 warnings.filterwarnings("ignore", category=UserWarning)
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -61,11 +61,17 @@ def raw_throughput(name: str, paths: list[str], folded: bool = True, batch_size:
     batches = [pixels[i : i + bs] for i in range(0, len(pixels), bs)]
     device = torch.device("cpu")
     dtype = PRECISIONS[precision]
-    _start(backbone, batches[0], device, [bs], dtype).result()  # warm-up
+
+    def start_batch(batch):  # as extract_features runs a batch: compiled models asynchronously
+        if backbone.engine == "openvino":
+            return backbone.model.start(batch)
+        return _Done(_forward_within_memory(backbone.model, backbone.preprocessing, batch, device, [bs], dtype))
+
+    start_batch(batches[0]).result()  # warm-up
     start = time.perf_counter()
     in_flight = []
     for batch in batches:
-        in_flight.append(_start(backbone, batch, device, [bs], dtype))
+        in_flight.append(start_batch(batch))
         if len(in_flight) > 1:
             in_flight.pop(0).result()
     for handle in in_flight:

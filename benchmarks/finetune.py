@@ -26,7 +26,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from skltransfer import FineTuneClassifier, PretrainedFeatures, load_image_folder, stable_train_test_split
-from skltransfer.backbones import Backbone, load_classifier
+from skltransfer.backbones import load_classifier
 from skltransfer.inference import extract_features, resolve_batch_size
 from skltransfer.training import _collate, _LabelledImages, training_augmentation
 
@@ -99,13 +99,12 @@ def prediction_speed(folder: Path, repeats: int = 3) -> None:
     """predict_proba through the folded copy vs through ``model_`` as trained, same images."""
     train, y_train = load_image_folder(folder / "train")
     test, _ = load_image_folder(folder / "test")
-    clf = FineTuneClassifier(unfreeze=2, epochs=1, random_state=0).fit(train[::4], y_train[::4])
+    clf = FineTuneClassifier(unfreeze=2, epochs=1, random_state=0, engine="torch").fit(train[::4], y_train[::4])
     clf.predict_proba(test[:8])  # the folded copy is made here
 
     def as_trained(paths):  # what predict ran before: the trained module itself
-        runner = Backbone(clf.backbone, clf.model_.eval(), clf.preprocessing_, len(clf.classes_), "")
         batch_size = resolve_batch_size("auto", torch.device("cpu"), clf.preprocessing_.input_size)
-        return extract_features(runner, paths, batch_size=batch_size)
+        return extract_features(clf.model_.eval(), clf.preprocessing_, paths, batch_size=batch_size)[0]
 
     timings: dict[str, list[float]] = {"folded": [], "as trained": []}
     logits = {}

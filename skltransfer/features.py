@@ -24,7 +24,7 @@ from .pooling import POOLINGS
 from .registry import shared_backbone
 from .weights import WeightsMismatchError
 from .cache import CacheInfo, FeatureCache, cached_features, feature_config_id
-from .decoding import DEFAULT_MAX_IMAGE_PIXELS, as_image_items
+from .decoding import DEFAULT_MAX_IMAGE_PIXELS, ImageLoadError, as_image_items
 from .engines import ENGINES, resolve_engine
 from .inference import (
     PRECISIONS,
@@ -288,13 +288,19 @@ class PretrainedFeatures(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
         )
         start = time.perf_counter()
 
-        def compute(missing, keep):
-            # Under the cache's lock: the other processes wait for this one, so it may use every core.
-            with all_cores():
-                return extract_features(backbone, missing, on_batch=keep, keep_going=True, **run)
+        def compute(missing, keep=None):
+            if keep is None:
+                rows, failures = extract_features(backbone.model, backbone.preprocessing, missing, **run)
+            else:  # under the cache's lock: the other processes wait for this one, so it may use every core
+                with all_cores():
+                    rows, failures = extract_features(backbone.model, backbone.preprocessing, missing,
+                                                      on_batch=keep, keep_going=True, **run)
+            if failures:  # every good row is computed (and, with a cache, kept) by now
+                raise ImageLoadError(failures)
+            return rows
 
         if store is None:
-            features, self.cache_info_ = extract_features(backbone, items, **run), CacheInfo(0, len(items), 0.0)
+            features, self.cache_info_ = compute(items), CacheInfo(0, len(items), 0.0)
         else:
             config = feature_config_id(self._feature_config(backbone, precision))
             features, self.cache_info_ = cached_features(store, config, items, backbone.num_features, compute)

@@ -20,11 +20,11 @@ from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.class_weight import compute_class_weight
 from sklearn.utils.multiclass import check_classification_targets
-from sklearn.utils.validation import check_is_fitted
-from .backbones import Backbone, build_classifier_architecture, load_classifier
+from sklearn.utils.validation import check_is_fitted, column_or_1d
+from .backbones import build_classifier_architecture, load_classifier
 from .weights import weights_digest
 from .cache import default_cache_dir
-from .decoding import DEFAULT_MAX_IMAGE_PIXELS, as_image_items
+from .decoding import DEFAULT_MAX_IMAGE_PIXELS, ImageLoadError, as_image_items
 from .engines import ENGINES, resolve_engine
 from .fusion import forget_inference_copies, inference_copy
 from .inference import extract_features, resolve_batch_size, resolve_device
@@ -244,15 +244,15 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
             Naming every image that cannot be read.
         """
         items = as_image_items(X)
-        y = np.asarray(y)
-        if y.ndim != 1:
-            raise ValueError(f"y must be 1-D (one label per image), got shape {y.shape}")
+        if y is None:
+            raise ValueError(f"{type(self).__name__} requires y to be passed, but the target y is None.")
+        y = column_or_1d(y, warn=True)  # a column vector is one label per image, with scikit-learn's warning
         if len(items) != len(y):
             raise ValueError(f"X and y have different lengths: {len(items)} images, {len(y)} labels")
         check_classification_targets(y)
         classes, targets = np.unique(y, return_inverse=True)
         if len(classes) < 2:
-            raise ValueError(f"need at least two classes to train a classifier, got only {classes.tolist()}")
+            raise ValueError(f"need at least two classes to train a classifier, got 1 class: {classes.tolist()}")
         continuing = self.warm_start and hasattr(self, "model_")
         if continuing and not np.array_equal(classes, self.classes_):
             raise ValueError(f"warm_start: the classes changed from {self.classes_.tolist()} to {classes.tolist()}")
@@ -328,7 +328,8 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
 
     def predict(self, X) -> np.ndarray:
         """The most probable class of each image."""
-        return self.classes_[self._logits(X).argmax(axis=1)]
+        logits = self._logits(X)  # checks that the model is fitted, before classes_ is read
+        return self.classes_[logits.argmax(axis=1)]
 
     def _logits(self, X) -> np.ndarray:
         check_is_fitted(self)
@@ -339,11 +340,12 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
         # engine), made once per fitted model, device and engine.
         model = inference_copy(self.model_, device, engine=engine, preprocessing=self.preprocessing_,
                                engine_dir=default_cache_dir() / "engines")
-        runner = Backbone(self.backbone, model, self.preprocessing_, len(self.classes_), "",
-                          engine="torch" if isinstance(model, torch.nn.Module) else engine)
         batch_size = resolve_batch_size(self.batch_size, device, self.preprocessing_.input_size)
-        return extract_features(runner, items, batch_size=batch_size, device=device,
-                                num_workers=self.num_workers, max_image_pixels=self.max_image_pixels)
+        logits, failures = extract_features(model, self.preprocessing_, items, batch_size=batch_size, device=device,
+                                            num_workers=self.num_workers, max_image_pixels=self.max_image_pixels)
+        if failures:
+            raise ImageLoadError(failures)
+        return logits
 
     # -- persistence: weights as plain arrays, the module rebuilt from its name on load ---
     # (arrays, not tensors: skltransfer.save stores them without pickle)

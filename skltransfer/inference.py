@@ -1,16 +1,17 @@
 """Batching images and running a backbone on a device.
 
-One job: given a :class:`~skltransfer.backbones.Backbone` and a sequence of
-image items, return their feature rows. Decoding, resizing and cropping run
+One job: given a model, its preprocessing and a sequence of image items,
+return one output row per item and the items that could not be read. Decoding, resizing and cropping run
 per image (in DataLoader workers when ``num_workers > 0``) and yield
 ``uint8`` tensors; normalisation runs once per batch on the model's device
 (or inside the compiled model, :mod:`~skltransfer.engines`). Two batches are
 in flight: an engine that computes on its own threads (OpenVINO) works on one
 while the next is decoded.
 
-A bad image does not stop the scan: the model stops running, the remaining
-inputs are still decoded so that one :class:`~skltransfer.decoding.ImageLoadError`
-lists every bad file.
+A bad image does not stop the scan: the remaining inputs are still decoded
+(and, with ``keep_going``, computed), so that the caller can report every bad
+file at once. :func:`image_batches` is the one path from items to batches:
+extraction, fine-tuning, validation and prediction all read images through it.
 """
 
 from __future__ import annotations
@@ -24,23 +25,18 @@ from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from .backbones import Backbone
-from .decoding import (
-    DEFAULT_MAX_IMAGE_PIXELS,
-    ImageFailure,
-    ImageItem,
-    ImageLoadError,
-    describe_item,
-    try_decode_rgb,
-)
+from .decoding import DEFAULT_MAX_IMAGE_PIXELS, ImageFailure, ImageItem, SizeNeeded, describe_item, try_decode_rgb
+from .engines import OpenVINOModel
 from .preprocessing import Preprocessing
 
 __all__ = [
     "PRECISIONS",
     "all_cores",
     "extract_features",
+    "image_batches",
     "resolve_batch_size",
     "resolve_device",
     "resolve_num_workers",
@@ -210,25 +206,21 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
-class _PreprocessedImages(Dataset):
+class _Images(Dataset):
     """Item ``i`` -> ``(i, uint8 (3, H, W) or None, failure reason or None)``."""
 
-    def __init__(self, items: Sequence[ImageItem], preprocessing: Preprocessing,
-                 max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS):
-        self.items = items
-        self.preprocessing = preprocessing
-        self.max_pixels = max_pixels
+    def __init__(self, items: Sequence[ImageItem], geometry: Callable[[torch.Tensor], torch.Tensor],
+                 min_size: SizeNeeded | None, max_pixels: int | None):
+        self.items, self.geometry, self.min_size, self.max_pixels = items, geometry, min_size, max_pixels
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, index: int):
-        # JPEGs 4x larger than the resize needs are decoded reduced, never below twice that.
-        pixels, reason = try_decode_rgb(self.items[index], self.preprocessing.resized_size,
-                                        max_pixels=self.max_pixels)
+        pixels, reason = try_decode_rgb(self.items[index], self.min_size, max_pixels=self.max_pixels)
         if pixels is None:
             return index, None, reason
-        return index, self.preprocessing.resize_crop(pixels), None
+        return index, self.geometry(pixels), None
 
 
 def _collate(samples):
@@ -239,8 +231,44 @@ def _collate(samples):
     return indices, batch, failures
 
 
+def image_batches(
+    items: Sequence[ImageItem],
+    geometry: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    batch_size: int,
+    min_size: SizeNeeded | None = None,
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+    num_workers: int = 0,
+    shuffle: bool = False,
+    generator: torch.Generator | None = None,
+    drop_last: bool = False,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """The one path from image items to ``uint8`` batches, for extraction, training and prediction.
+
+    Yields ``(indices, batch, failures)``: the positions in ``items`` of the
+    images in ``batch`` (``uint8 (N, 3, H, W)``, or None when none of them
+    could be read), and ``(position, reason)`` for those that could not.
+    Each image is decoded (JPEGs reduced in the DCT down to twice
+    ``min_size(h, w)`` where given) and passed through ``geometry`` (the eval
+    resize and crop, or a training augmentation), in DataLoader workers when
+    ``num_workers > 0``.
+    """
+    return DataLoader(
+        _Images(items, geometry, min_size, max_image_pixels),
+        batch_size=batch_size,
+        shuffle=shuffle,
+        generator=generator,
+        drop_last=drop_last,
+        num_workers=num_workers,
+        collate_fn=_collate,
+        pin_memory=pin_memory,
+    )
+
+
 def extract_features(
-    backbone: Backbone,
+    model: nn.Module | OpenVINOModel,
+    preprocessing: Preprocessing,
     items: Sequence[ImageItem],
     *,
     batch_size: int = 32,
@@ -251,13 +279,17 @@ def extract_features(
     keep_going: bool = False,
     precision: str = "float32",
     max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
-) -> np.ndarray:
-    """Compute one feature row per item.
+) -> tuple[np.ndarray, list[ImageFailure]]:
+    """Run ``model`` over items: one output row per item, and the items that could not be read.
 
     Parameters
     ----------
-    backbone : Backbone
-        The model (already on ``device``) and its preprocessing.
+    model : torch.nn.Module or OpenVINOModel
+        A module on ``device`` taking normalised float batches (features,
+        logits: any ``(N, width)`` output), or an engine's compiled model
+        taking ``uint8`` batches (:mod:`skltransfer.engines`).
+    preprocessing : Preprocessing
+        The resize, crop and normalisation the model expects.
     items : sequence of image items
         Paths, bytes, PIL images or uint8 arrays (see :mod:`skltransfer.decoding`).
     batch_size : int
@@ -269,25 +301,25 @@ def extract_features(
     verbose : bool
         Show a tqdm progress bar.
     on_batch : callable, optional
-        Called with ``(indices, features)`` after every forward pass.
+        Called with ``(indices, rows)`` after every forward pass.
     keep_going : bool
         After a bad image, go on computing the good ones (so that ``on_batch``
         can keep them, in a cache say) instead of only decoding the rest.
     precision : {"float32", "bfloat16", "float16"}
-        The forward pass's precision (16-bit: ``torch.autocast``); features
-        are returned as float32 either way.
+        The forward pass's precision (16-bit: ``torch.autocast``); rows are
+        returned as float32 either way.
     max_image_pixels : int or None
         Images with more pixels are failures, found from their headers
         before any pixel is decoded.
 
     Returns
     -------
-    ndarray of shape (len(items), backbone.num_features), float32
-
-    Raises
-    ------
-    ImageLoadError
-        Listing every input that could not be decoded.
+    rows : ndarray of shape (len(items), width), float32
+        Rows of failed items (and, without ``keep_going``, of every item
+        after the first failure) are undefined.
+    failures : list of ImageFailure
+        Every item that could not be read, in order; raise
+        ``ImageLoadError(failures)`` to report them.
     """
     from tqdm.auto import tqdm
 
@@ -295,46 +327,45 @@ def extract_features(
     dtype = PRECISIONS[precision]
     if device.type == "cpu":
         tune_allocator()
-    out = np.empty((len(items), backbone.num_features), dtype=np.float32)
-    if len(items) == 0:
-        return out
-    loader = DataLoader(
-        _PreprocessedImages(items, backbone.preprocessing, max_image_pixels),
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=num_workers,
-        collate_fn=_collate,
-        pin_memory=device.type == "cuda",
+    compiled = not isinstance(model, nn.Module)
+    loader = image_batches(
+        items, preprocessing.resize_crop, batch_size=batch_size,
+        # JPEGs 4x larger than the resize needs are decoded reduced, never below twice that.
+        min_size=preprocessing.resized_size, max_image_pixels=max_image_pixels,
+        num_workers=num_workers, pin_memory=device.type == "cuda",
     )
+    out: list[np.ndarray] = []  # one (len(items), width) array, made from the first batch's width
     failures: list[ImageFailure] = []
     limit = [batch_size]  # lowered for good on out-of-memory
     in_flight: collections.deque = collections.deque()  # (indices, handle): started, not yet collected
 
     def collect() -> None:
         indices, handle = in_flight.popleft()
-        features = handle.result()
-        out[indices] = features
+        rows = handle.result()
+        if not out:
+            out.append(np.empty((len(items), rows.shape[1]), dtype=np.float32))
+        out[0][indices] = rows
         if on_batch is not None:
-            on_batch(indices, features)
+            on_batch(indices, rows)
 
-    # OpenVINO computes on its own threads, which take every core: decoding
-    # the next batch meanwhile runs best on one torch thread.
-    threads = one_torch_thread() if backbone.engine == "openvino" and num_workers == 0 else nullcontext()
+    # A compiled model computes on its own threads, which take every core:
+    # decoding the next batch meanwhile runs best on one torch thread.
+    threads = one_torch_thread() if compiled and num_workers == 0 else nullcontext()
     with threads, tqdm(total=len(items), disable=not verbose, unit="img", desc="features") as progress:
         for indices, batch, batch_failures in loader:
             failures.extend(
                 ImageFailure(i, describe_item(items[i]), reason) for i, reason in batch_failures
             )
             if batch is not None and (keep_going or not failures):
-                in_flight.append((indices, _start(backbone, batch, device, limit, dtype)))
+                started = model.start(batch) if compiled else _Done(
+                    _forward_within_memory(model, preprocessing, batch, device, limit, dtype))
+                in_flight.append((indices, started))
                 while len(in_flight) > 1:
                     collect()
             progress.update(len(indices) + len(batch_failures))
         while in_flight:
             collect()
-    if failures:
-        raise ImageLoadError(failures)
-    return out
+    return (out[0] if out else np.empty((len(items), 0), dtype=np.float32)), failures
 
 
 @contextmanager
@@ -358,19 +389,11 @@ class _Done:
         return self._rows
 
 
-def _start(backbone: Backbone, batch: torch.Tensor, device: torch.device, limit: list[int],
-           dtype: torch.dtype):
-    """Start computing a uint8 batch's features; the handle's ``result()`` gives them."""
-    if backbone.engine == "openvino":
-        return backbone.model.start(batch)  # normalisation is compiled into the model
-    return _Done(_forward_within_memory(backbone, batch, device, limit, dtype))
-
-
 _OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
 
-def _forward_within_memory(backbone: Backbone, batch: torch.Tensor, device: torch.device,
-                           limit: list[int], dtype: torch.dtype = torch.float32) -> np.ndarray:
+def _forward_within_memory(model: nn.Module, preprocessing: Preprocessing, batch: torch.Tensor,
+                           device: torch.device, limit: list[int], dtype: torch.dtype = torch.float32) -> np.ndarray:
     """Forward a batch in slices of at most ``limit[0]`` images, halving it on out-of-memory.
 
     The lowered limit holds for the rest of the call, so one oversized batch
@@ -381,7 +404,7 @@ def _forward_within_memory(backbone: Backbone, batch: torch.Tensor, device: torc
     while start < len(batch):
         size = min(limit[0], len(batch) - start)
         try:
-            rows.append(_forward(backbone, batch[start : start + size], device, dtype))
+            rows.append(_forward(model, preprocessing, batch[start : start + size], device, dtype))
         except _OUT_OF_MEMORY:
             if size == 1:
                 raise
@@ -393,10 +416,10 @@ def _forward_within_memory(backbone: Backbone, batch: torch.Tensor, device: torc
     return rows[0] if len(rows) == 1 else np.concatenate(rows)
 
 
-def _forward(backbone: Backbone, batch: torch.Tensor, device: torch.device,
+def _forward(model: nn.Module, preprocessing: Preprocessing, batch: torch.Tensor, device: torch.device,
              dtype: torch.dtype = torch.float32) -> np.ndarray:
     reduced = dtype != torch.float32
     with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=reduced):
-        x = backbone.preprocessing.normalize(batch.to(device, non_blocking=True))
+        x = preprocessing.normalize(batch.to(device, non_blocking=True))
         x = x.contiguous(memory_format=torch.channels_last)
-        return backbone.model(x).float().cpu().numpy()
+        return model(x).float().cpu().numpy()

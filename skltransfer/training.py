@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
 
-from .decoding import DEFAULT_MAX_IMAGE_PIXELS, ImageFailure, ImageLoadError, describe_item, try_decode_rgb
+from .decoding import DEFAULT_MAX_IMAGE_PIXELS, ImageFailure, ImageLoadError, describe_item
+from .inference import extract_features, image_batches
 from .preprocessing import Preprocessing
 
 __all__ = ["TrainingPlan", "layer_groups", "select_trainable", "train_classifier", "training_augmentation"]
@@ -106,28 +106,6 @@ def training_augmentation(preprocessing: Preprocessing, scale=(0.35, 1.0)) -> Ca
                              interpolation=_INTERPOLATIONS[preprocessing.interpolation], antialias=True),
         v2.RandomHorizontalFlip(),
     ])
-
-
-class _LabelledImages(Dataset):
-    def __init__(self, items, targets, geometry: Callable, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS):
-        self.items, self.targets, self.geometry, self.max_pixels = items, targets, geometry, max_pixels
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, index):
-        pixels, reason = try_decode_rgb(self.items[index], max_pixels=self.max_pixels)
-        if pixels is None:
-            return index, None, -1, reason
-        return index, self.geometry(pixels), int(self.targets[index]), None
-
-
-def _collate(samples):
-    good = [s for s in samples if s[1] is not None]
-    failures = [(s[0], s[3]) for s in samples if s[1] is None]
-    if not good:
-        return None, None, failures
-    return torch.stack([s[1] for s in good]), torch.tensor([s[2] for s in good]), failures
 
 
 # -- the plan and the loop ------------------------------------------------------------
@@ -218,9 +196,9 @@ def train_classifier(
     """
     geometry = augment if augment is not None else preprocessing.resize_crop
     loader_rng = torch.Generator().manual_seed(plan.seed)
-    loader = DataLoader(
-        _LabelledImages(items, targets, geometry, plan.max_image_pixels), batch_size=plan.batch_size, shuffle=True,
-        num_workers=plan.num_workers, collate_fn=_collate, generator=loader_rng,
+    loader = image_batches(
+        items, geometry, batch_size=plan.batch_size, shuffle=True, generator=loader_rng,
+        max_image_pixels=plan.max_image_pixels, num_workers=plan.num_workers,
         pin_memory=device.type == "cuda", drop_last=len(items) > plan.batch_size,
     )
     weights = plan.class_weights.to(device) if plan.class_weights is not None else None
@@ -246,7 +224,7 @@ def train_classifier(
         scheduler = _schedule(optimizer, plan, max(1, len(loader)), epochs)
         for _ in range(epochs):
             row = _train_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, trainable, plan,
-                               device, use_amp, amp_dtype, items, phase, preprocessing)
+                               device, use_amp, amp_dtype, items, targets, phase, preprocessing)
             if validation is not None:
                 row.update(evaluate(model, validation[0], validation[1], preprocessing, loss_fn,
                                     plan.batch_size, device, plan.max_image_pixels))
@@ -268,7 +246,7 @@ def train_classifier(
 
 
 def _train_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, trainable, plan, device,
-                 use_amp, amp_dtype, items, phase, preprocessing) -> dict[str, float]:
+                 use_amp, amp_dtype, items, targets, phase, preprocessing) -> dict[str, float]:
     from tqdm.auto import tqdm
 
     model.train()
@@ -279,13 +257,13 @@ def _train_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, trainable
     params = [p for p in model.parameters() if p.requires_grad]
     with tqdm(total=len(loader.dataset), disable=not plan.verbose, unit="img",
               desc=f"{phase} epoch {epoch}") as progress:
-        for batch, target, batch_failures in loader:
+        for indices, batch, batch_failures in loader:
             failures += batch_failures
             if failures:
                 continue  # keep scanning: one error will list every bad image
             x = preprocessing.normalize(batch.to(device, non_blocking=True))
             x = x.contiguous(memory_format=torch.channels_last)
-            target = target.to(device, non_blocking=True)
+            target = torch.as_tensor(targets[indices], dtype=torch.long).to(device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
                 logits = model(x)
@@ -318,21 +296,13 @@ def _train_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, trainable
 @torch.no_grad()
 def evaluate(model, items, targets, preprocessing, loss_fn, batch_size, device,
              max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> dict[str, float]:
-    """Validation loss and accuracy with the eval geometry."""
+    """Validation loss and accuracy with the eval geometry (the prediction path)."""
     model.eval()
-    loader = DataLoader(_LabelledImages(items, targets, preprocessing.resize_crop, max_pixels), batch_size=batch_size,
-                        shuffle=False, collate_fn=_collate)
-    total, correct, seen, bad = 0.0, 0, 0, []
-    for batch, target, failures in loader:
-        bad += failures
-        if bad or batch is None:
-            continue  # keep scanning: one error lists every bad validation image
-        x = preprocessing.normalize(batch.to(device)).contiguous(memory_format=torch.channels_last)
-        target = target.to(device)
-        logits = model(x).float()
-        total += loss_fn(logits, target).item() * len(target)
-        correct += (logits.argmax(1) == target).sum().item()
-        seen += len(target)
-    if bad:
-        raise ImageLoadError([ImageFailure(i, describe_item(items[i]), r) for i, r in sorted(bad)])
-    return {"valid_loss": total / max(seen, 1), "valid_accuracy": correct / max(seen, 1)}
+    logits, failures = extract_features(model, preprocessing, items, batch_size=batch_size, device=device,
+                                        max_image_pixels=max_pixels)
+    if failures:
+        raise ImageLoadError(failures)
+    logits, target = torch.from_numpy(logits), torch.as_tensor(np.asarray(targets), dtype=torch.long)
+    weight = None if loss_fn.weight is None else loss_fn.weight.to("cpu")
+    loss = nn.functional.cross_entropy(logits, target, weight=weight, label_smoothing=loss_fn.label_smoothing).item()
+    return {"valid_loss": loss, "valid_accuracy": (logits.argmax(1) == target).float().mean().item()}
