@@ -444,7 +444,8 @@ def cached_features(
     Raises
     ------
     ImageLoadError
-        From ``compute``, with positions in ``items``; every good row is stored.
+        From ``compute``, with positions in ``items``; every good row is stored
+        (and, where ``compute`` attached them, returned in its ``rows``).
     """
     from .decoding import ImageLoadError
 
@@ -471,8 +472,11 @@ def cached_features(
                 try:
                     features[missing] = compute([items[i] for i in missing], keep)
                 except ImageLoadError as exc:  # positions in the misses -> positions in items
+                    if exc.rows is not None:
+                        features[missing] = exc.rows
                     raise ImageLoadError(
-                        [dataclasses.replace(f, index=missing[f.index]) for f in exc.failures]
+                        [dataclasses.replace(f, index=missing[f.index]) for f in exc.failures],
+                        rows=None if exc.rows is None else features,
                     ) from None
     return features, CacheInfo(len(items) - len(missing), len(missing), 0.0)
 

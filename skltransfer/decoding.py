@@ -84,12 +84,17 @@ class ImageLoadError(ValueError):
     failures : list of ImageFailure
         Every bad input found, with its position in ``X``, a description
         (the file path where there is one) and the reason.
+    rows : ndarray or None
+        What was computed for the good inputs, one row per input of ``X``
+        (the bad inputs' rows are undefined), so that a caller can use them
+        instead of computing them again; None where nothing was computed.
     """
 
     MAX_LISTED = 20
 
-    def __init__(self, failures: Sequence[ImageFailure]):
+    def __init__(self, failures: Sequence[ImageFailure], rows: np.ndarray | None = None):
         self.failures = list(failures)
+        self.rows = rows
         lines = [f"  [{f.index}] {f}" for f in self.failures[: self.MAX_LISTED]]
         more = len(self.failures) - self.MAX_LISTED
         if more > 0:
@@ -100,7 +105,7 @@ class ImageLoadError(ValueError):
         )
 
     def __reduce__(self):  # picklable across worker processes
-        return (type(self), (self.failures,))
+        return (type(self), (self.failures, self.rows))
 
 
 class _BadImage(Exception):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+from contextlib import nullcontext
 from numbers import Integral
 
 import numpy as np
@@ -289,14 +290,12 @@ class PretrainedFeatures(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
         start = time.perf_counter()
 
         def compute(missing, keep=None):
-            if keep is None:
-                rows, failures = extract_features(backbone.model, backbone.preprocessing, missing, **run)
-            else:  # under the cache's lock: the other processes wait for this one, so it may use every core
-                with all_cores():
-                    rows, failures = extract_features(backbone.model, backbone.preprocessing, missing,
-                                                      on_batch=keep, keep_going=True, **run)
-            if failures:  # every good row is computed (and, with a cache, kept) by now
-                raise ImageLoadError(failures)
+            # With a cache, under its lock: the other processes wait for this one, so it may use every core.
+            with all_cores() if keep is not None else nullcontext():
+                rows, failures = extract_features(backbone.model, backbone.preprocessing, missing, on_batch=keep,
+                                                  keep_going=True, width=backbone.num_features, **run)
+            if failures:  # the good rows are computed (and, with a cache, kept): hand them over too
+                raise ImageLoadError(failures, rows=rows)
             return rows
 
         if store is None:

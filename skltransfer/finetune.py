@@ -318,18 +318,30 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
 
     def decision_function(self, X) -> np.ndarray:
         """Logits, ``(n_samples, n_classes)`` (``(n_samples,)`` for two classes, as scikit-learn does)."""
-        logits = self._logits(X)
-        return logits[:, 1] - logits[:, 0] if len(self.classes_) == 2 else logits
+        return self.from_logits(self._logits(X), "decision_function")
 
     def predict_proba(self, X) -> np.ndarray:
         """Class probabilities (softmax of the logits), columns in ``classes_`` order."""
-        logits = torch.from_numpy(self._logits(X))
-        return torch.softmax(logits.double(), dim=1).numpy()
+        return self.from_logits(self._logits(X), "predict_proba")
 
     def predict(self, X) -> np.ndarray:
         """The most probable class of each image."""
-        logits = self._logits(X)  # checks that the model is fitted, before classes_ is read
-        return self.classes_[logits.argmax(axis=1)]
+        return self.from_logits(self._logits(X), "predict")
+
+    def from_logits(self, logits: np.ndarray, method: str) -> np.ndarray:
+        """What ``method`` (``"predict"``, ``"predict_proba"``, ``"decision_function"``) returns for these logits.
+
+        For logits computed already: the ``rows`` of an
+        :class:`~skltransfer.ImageLoadError` from this classifier, say.
+        """
+        check_is_fitted(self)
+        if method == "predict":
+            return self.classes_[logits.argmax(axis=1)]
+        if method == "predict_proba":
+            return torch.softmax(torch.from_numpy(logits).double(), dim=1).numpy()
+        if method == "decision_function":
+            return logits[:, 1] - logits[:, 0] if len(self.classes_) == 2 else logits
+        raise ValueError(f"method must be 'predict', 'predict_proba' or 'decision_function', got {method!r}")
 
     def _logits(self, X) -> np.ndarray:
         check_is_fitted(self)
@@ -342,9 +354,10 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
                                engine_dir=default_cache_dir() / "engines")
         batch_size = resolve_batch_size(self.batch_size, device, self.preprocessing_.input_size)
         logits, failures = extract_features(model, self.preprocessing_, items, batch_size=batch_size, device=device,
-                                            num_workers=self.num_workers, max_image_pixels=self.max_image_pixels)
-        if failures:
-            raise ImageLoadError(failures)
+                                            num_workers=self.num_workers, max_image_pixels=self.max_image_pixels,
+                                            keep_going=True, width=len(self.classes_))
+        if failures:  # the good images' logits are computed: hand them over (from_logits uses them)
+            raise ImageLoadError(failures, rows=logits)
         return logits
 
     # -- persistence: weights as plain arrays, the module rebuilt from its name on load ---

@@ -279,6 +279,7 @@ def extract_features(
     keep_going: bool = False,
     precision: str = "float32",
     max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+    width: int | None = None,
 ) -> tuple[np.ndarray, list[ImageFailure]]:
     """Run ``model`` over items: one output row per item, and the items that could not be read.
 
@@ -311,6 +312,9 @@ def extract_features(
     max_image_pixels : int or None
         Images with more pixels are failures, found from their headers
         before any pixel is decoded.
+    width : int, optional
+        The model's output width, where known: the rows have it even when no
+        image could be read (else it is taken from the first batch).
 
     Returns
     -------
@@ -334,7 +338,8 @@ def extract_features(
         min_size=preprocessing.resized_size, max_image_pixels=max_image_pixels,
         num_workers=num_workers, pin_memory=device.type == "cuda",
     )
-    out: list[np.ndarray] = []  # one (len(items), width) array, made from the first batch's width
+    # One (len(items), width) array, made now if the width is known, else from the first batch.
+    out = [] if width is None else [np.empty((len(items), width), dtype=np.float32)]
     failures: list[ImageFailure] = []
     limit = [batch_size]  # lowered for good on out-of-memory
     in_flight: collections.deque = collections.deque()  # (indices, handle): started, not yet collected
@@ -365,7 +370,7 @@ def extract_features(
             progress.update(len(indices) + len(batch_failures))
         while in_flight:
             collect()
-    return (out[0] if out else np.empty((len(items), 0), dtype=np.float32)), failures
+    return (out[0] if out else np.empty((len(items), width or 0), dtype=np.float32)), failures
 
 
 @contextmanager

@@ -68,21 +68,44 @@ def _plain(value: Any) -> Any:
     return value.item() if isinstance(value, np.generic) else value
 
 
-def _guarded(function, paths: Sequence[str]):
-    """Run ``function(paths)``; on unreadable images, run it on the readable ones.
+def _guarded(model: Any, method: str, paths: Sequence[str]):
+    """Run ``model.<method>(paths)``; on unreadable images, finish with the readable ones.
 
     Returns ``(result or None, positions that succeeded, {position: reason})``.
-    The second run is cheap when the feature cache is on: the good images of
-    the first were computed and stored before the error was raised.
+    Nothing is computed twice: the error carries what the model computed for
+    the good images (its ``rows``), and the rest of the model runs on those.
+    Only a model whose image stage this module does not know is run again on
+    the good images.
     """
     try:
-        return function(list(paths)), list(range(len(paths))), {}
+        return getattr(model, method)(list(paths)), list(range(len(paths))), {}
     except ImageLoadError as exc:
         errors = {f.index: f.reason for f in exc.failures}
+        rows = exc.rows
     good = [i for i in range(len(paths)) if i not in errors]
     if not good:
         return None, [], errors
-    return function([paths[i] for i in good]), good, errors
+    finish = _after_the_images(model, method)
+    if rows is not None and finish is not None:
+        return finish(rows[good]), good, errors
+    return getattr(model, method)([paths[i] for i in good]), good, errors
+
+
+def _after_the_images(model: Any, method: str):
+    """What ``model.<method>`` does with the rows its image stage computed, or None if unknown."""
+    from sklearn.pipeline import Pipeline
+
+    from . import FineTuneClassifier, PretrainedFeatures
+
+    if isinstance(model, PretrainedFeatures) and method == "transform":
+        return lambda rows: rows
+    if isinstance(model, FineTuneClassifier):
+        return lambda logits: model.from_logits(logits, method)
+    if isinstance(model, Pipeline) and isinstance(model.steps[0][1], PretrainedFeatures):
+        if len(model.steps) == 1:
+            return _after_the_images(model.steps[0][1], method)
+        return lambda rows: getattr(model[1:], method)(rows)
+    return None
 
 
 def score_chunk(model: Any, paths: Sequence[str], top_k: int = 1) -> list[dict[str, Any]]:
@@ -92,7 +115,7 @@ def score_chunk(model: Any, paths: Sequence[str], top_k: int = 1) -> list[dict[s
     probabilities), else ``predict``.
     """
     has_proba = hasattr(model, "predict_proba")
-    result, good, errors = _guarded(model.predict_proba if has_proba else model.predict, paths)
+    result, good, errors = _guarded(model, "predict_proba" if has_proba else "predict", paths)
     rows: list[dict[str, Any]] = []
     by_position = {}
     if result is not None:
@@ -121,7 +144,7 @@ def score_chunk(model: Any, paths: Sequence[str], top_k: int = 1) -> list[dict[s
 
 def extract_chunk(features: Any, paths: Sequence[str]) -> tuple[np.ndarray, list[int], dict[int, str]]:
     """Features of a chunk: ``(rows of the readable images, their positions, {position: reason})``."""
-    result, good, errors = _guarded(features.transform, paths)
+    result, good, errors = _guarded(features, "transform", paths)
     if result is None:
         width = getattr(features, "n_features_out_", 0)
         result = np.empty((0, width), dtype=np.float32)
