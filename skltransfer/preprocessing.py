@@ -8,7 +8,13 @@ device that runs the model.
 The geometry follows timm's eval transform (``timm.data.transforms_factory.
 transforms_imagenet_eval``): ``scale_size = floor(input_size / crop_pct)``,
 then a centre crop, with timm's ``center``, ``squash`` and ``border`` crop
-modes. torchvision weights map onto the same description.
+modes: ``center`` keeps the aspect ratio (for a non-square input too, as
+timm's ``ResizeKeepRatio``), ``border`` pads with the mean colour (timm's
+``CenterCropOrPad``). It is reimplemented on ``uint8`` tensors rather than
+called: timm's works on PIL images, one at a time, in float after
+normalisation; ours runs in DataLoader workers before batching and leaves
+normalisation to the model's device. torchvision weights map onto the same
+description.
 """
 
 from __future__ import annotations
@@ -124,8 +130,19 @@ class Preprocessing:
         return dataclasses.replace(self, crop=crop)
 
     def as_dict(self) -> dict[str, Any]:
-        """A plain description (stable across processes; part of cache keys)."""
-        return asdict(self)
+        """A plain description (stable across processes; part of cache keys).
+
+        Configurations whose pixels changed when the geometry was aligned with
+        timm's eval transform (``"border"``, and ``"center"`` with a
+        non-square input) carry a ``geometry`` mark, so that no row cached
+        for the old pixels is served for the new ones; every other
+        configuration keeps its key.
+        """
+        description = asdict(self)
+        scale_h, scale_w = self.scale_size
+        if self.crop_mode == "border" or (self.crop_mode == "center" and scale_h != scale_w):
+            description["geometry"] = "timm-eval"
+        return description
 
     @property
     def scale_size(self) -> tuple[int, int]:
@@ -162,11 +179,12 @@ class Preprocessing:
         scale_h, scale_w = self.scale_size
         if self.crop_mode == "squash":
             return scale_h, scale_w
-        if self.crop_mode == "border":
-            ratio = max(scale_h, scale_w) / max(height, width)
-            return max(1, round(height * ratio)), max(1, round(width * ratio))
-        if scale_h != scale_w:
-            return scale_h, scale_w
+        if self.crop_mode == "border" or scale_h != scale_w:
+            # timm's ResizeKeepRatio: "border" fits the image inside the scale size, "center"
+            # (non-square) covers it; the aspect ratio is kept either way.
+            ratio_h, ratio_w = height / scale_h, width / scale_w
+            ratio = max(ratio_h, ratio_w) if self.crop_mode == "border" else min(ratio_h, ratio_w)
+            return max(1, round(height / ratio)), max(1, round(width / ratio))
         # The short side to scale_h, aspect kept: torchvision's rule for resize(image, [size]).
         short, long = sorted((height, width))
         long = int(scale_h * long / short)
@@ -180,10 +198,14 @@ class Preprocessing:
         if policy == "center":
             image, size = self._keep_what_the_crop_keeps(image, size)
         image = F.resize(image, list(size), interpolation=_INTERPOLATIONS[self.interpolation], antialias=True)
+        size = tuple(image.shape[-2:])
         if policy == "none":
             return image
         if policy == "pad":
             return self._letterbox(image)
+        if self.crop_mode == "border":  # timm's CenterCropOrPad: the borders take the mean colour
+            crop_h, crop_w = self.input_size
+            return self._letterbox(F.center_crop(image, [min(crop_h, size[0]), min(crop_w, size[1])]))
         return F.center_crop(image, list(self.input_size))
 
     def _keep_what_the_crop_keeps(self, image: torch.Tensor, size: tuple[int, int]):

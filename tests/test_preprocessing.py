@@ -1,0 +1,41 @@
+"""The eval geometry is timm's: resize, crop or pad as timm's eval transform does, on uint8 tensors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from timm.data import create_transform
+
+from _support import make_image
+from skltransfer.preprocessing import Preprocessing
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+@pytest.mark.parametrize("crop_mode", ["center", "squash", "border"])
+@pytest.mark.parametrize("input_size", [(224, 224), (256, 192), (192, 256)])
+@pytest.mark.parametrize("image_size", [(300, 500), (500, 300), (120, 120)])
+def test_ours_matches_timms_eval_transform(crop_mode, input_size, image_size):
+    pixels = make_image(seed=sum(image_size), size=image_size)
+    timm_eval = create_transform(input_size=(3, *input_size), crop_pct=0.875, crop_mode=crop_mode,
+                                 interpolation="bicubic", mean=MEAN, std=STD)
+    expected = timm_eval(Image.fromarray(pixels))
+    ours = Preprocessing(input_size, 0.875, crop_mode, "bicubic", MEAN, STD, crop="center")
+    got = ours.normalize(ours.resize_crop(torch.from_numpy(pixels).permute(2, 0, 1))[None])[0]
+    assert got.shape == expected.shape
+    # PIL and torchvision resample a little differently; a misplaced crop or a black border would
+    # differ by whole units of the normalised scale.
+    assert (got - expected).abs().mean() < 0.03
+
+
+def test_only_the_configurations_whose_pixels_changed_get_a_new_cache_identity():
+    def identity(crop_mode, input_size):
+        return Preprocessing(input_size, 0.875, crop_mode, "bicubic", MEAN, STD).as_dict()
+
+    assert "geometry" not in identity("center", (224, 224))  # the default: rows cached before still serve
+    assert "geometry" not in identity("squash", (256, 192))
+    assert identity("border", (224, 224))["geometry"] == "timm-eval"
+    assert identity("center", (256, 192))["geometry"] == "timm-eval"
+    np.testing.assert_equal(identity("center", (224, 224))["input_size"], (224, 224))
