@@ -27,8 +27,8 @@ from sklearn.preprocessing import StandardScaler
 
 from skltransfer import FineTuneClassifier, PretrainedFeatures, load_image_folder, stable_train_test_split
 from skltransfer.backbones import load_classifier
-from skltransfer.inference import extract_features, resolve_batch_size
-from skltransfer.training import _collate, _LabelledImages, training_augmentation
+from skltransfer.inference import extract_features, image_batches, resolve_batch_size
+from skltransfer.training import training_augmentation
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -38,14 +38,14 @@ def hand_written_loop(paths, labels, epochs: int = 1, batch_size: int = 32) -> f
     classes, targets = np.unique(labels, return_inverse=True)
     model, pre, _ = load_classifier("tf_efficientnet_lite0", "pretrained", len(classes))
     model.train()
-    loader = torch.utils.data.DataLoader(_LabelledImages(paths, targets, training_augmentation(pre)),
-                                         batch_size=batch_size, shuffle=True, collate_fn=_collate)
+    loader = image_batches(paths, training_augmentation(pre), batch_size=batch_size, shuffle=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
+    targets = torch.as_tensor(targets)
     seen, start = 0, time.perf_counter()
     for _ in range(epochs):
-        for batch, target, _ in loader:
-            x = pre.normalize(batch)
+        for indices, batch, _ in loader:
+            x, target = pre.normalize(batch), targets[indices]
             optimizer.zero_grad()
             loss_fn(model(x), target).backward()
             optimizer.step()
