@@ -145,14 +145,30 @@ def _frozen_batchnorm_to_eval(model: nn.Module, trainable: set[str]) -> None:
 
 
 def _param_groups(model: nn.Module, classifier: str, groups: list[list[str]], plan: TrainingPlan):
+    """AdamW groups: the head at the learning rate, each layer group below it at its own.
+
+    As timm's ``param_groups_weight_decay``: biases, norm weights and other
+    1-D parameters, and those the model names in ``no_weight_decay()``, are
+    not decayed, so each group is split in two.
+    """
     params = dict(model.named_parameters())
-    head = [p for n, p in params.items() if n == classifier or n.startswith(classifier + ".")]
-    result = [{"params": head, "lr": plan.learning_rate, "name": "head"}]
+    skip = set(getattr(model, "no_weight_decay", lambda: ())())
+    head = [n for n in params if n == classifier or n.startswith(classifier + ".")]
+    result = _decay_split(params, head, plan.learning_rate, "head", plan.weight_decay, skip)
     base = plan.learning_rate * plan.backbone_lr_ratio
     for depth, names in enumerate(reversed(groups)):  # depth 0: the group nearest the head
         lr = base * (plan.layer_decay ** depth if plan.layer_decay else 1.0)
-        result.append({"params": [params[n] for n in names], "lr": lr, "name": f"group-{depth}"})
+        result += _decay_split(params, names, lr, f"group-{depth}", plan.weight_decay, skip)
     return result
+
+
+def _decay_split(params: dict, names: list[str], lr: float, name: str, weight_decay: float, skip: set) -> list:
+    def decayed(n: str) -> bool:
+        return params[n].ndim > 1 and not n.endswith(".bias") and n not in skip
+
+    parts = [([params[n] for n in names if decayed(n)], weight_decay, name),
+             ([params[n] for n in names if not decayed(n)], 0.0, f"{name}-no-decay")]
+    return [{"params": ps, "lr": lr, "weight_decay": wd, "name": label} for ps, wd, label in parts if ps]
 
 
 def _schedule(optimizer, plan: TrainingPlan, steps_per_epoch: int, epochs: int):

@@ -231,3 +231,19 @@ def test_validation_lists_every_bad_image(data, tmp_path):
         evaluate(clf.model_, items, targets, clf.preprocessing_, torch.nn.CrossEntropyLoss(), 4,
                  torch.device("cpu"))
     assert [f.index for f in info.value.failures] == [3, 13]
+
+
+def test_biases_and_norm_weights_are_not_decayed():
+    from skltransfer.backbones import load_classifier
+    from skltransfer.training import TrainingPlan, _param_groups, layer_groups
+
+    model, _, classifier = load_classifier(TINY, None, 3)
+    groups = layer_groups(model, classifier)
+    param_groups = _param_groups(model, classifier, groups, TrainingPlan(weight_decay=0.05))
+    names = {id(p): n for n, p in model.named_parameters()}
+    for group in param_groups:
+        for p in group["params"]:
+            one_d = p.ndim <= 1 or names[id(p)].endswith(".bias")
+            assert group["weight_decay"] == (0.0 if one_d else 0.05), names[id(p)]
+    assert sum(len(g["params"]) for g in param_groups) == len(names)  # every parameter, once
+    assert param_groups[0]["name"] == "head" and param_groups[0]["weight_decay"] == 0.05
