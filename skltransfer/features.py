@@ -21,9 +21,6 @@ from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
 from .backbones import Backbone
-from .pooling import POOLINGS
-from .registry import shared_backbone
-from .weights import WeightsMismatchError
 from .cache import CacheInfo, FeatureCache, cached_features, feature_config_id
 from .decoding import DEFAULT_MAX_IMAGE_PIXELS, ImageLoadError, as_image_items
 from .engines import ENGINES, resolve_engine
@@ -36,7 +33,10 @@ from .inference import (
     resolve_num_workers,
     resolve_precision,
 )
+from .pooling import POOLINGS
 from .preprocessing import CROP_POLICIES
+from .registry import shared_backbone
+from .weights import WeightsMismatchError
 
 __all__ = ["PretrainedFeatures"]
 

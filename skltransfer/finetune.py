@@ -21,14 +21,15 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.class_weight import compute_class_weight
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, column_or_1d
+
 from .backbones import build_classifier_architecture, load_classifier
-from .weights import weights_digest
 from .cache import default_cache_dir
 from .decoding import DEFAULT_MAX_IMAGE_PIXELS, ImageLoadError, as_image_items
 from .engines import ENGINES, resolve_engine
 from .fusion import forget_inference_copies, inference_copy
 from .inference import extract_features, resolve_batch_size, resolve_device
 from .training import TrainingPlan, train_classifier, training_augmentation
+from .weights import weights_digest
 
 __all__ = ["FineTuneClassifier"]
 

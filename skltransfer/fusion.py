@@ -136,8 +136,8 @@ def _torch_copy(model: nn.Module, device, copies: dict) -> nn.Module:
 
 
 def _compiled_copy(model: nn.Module, folded: nn.Module, preprocessing, engine_dir):
-    from .weights import weights_digest
     from .engines import compile_openvino_or_warn
+    from .weights import weights_digest
 
     identity = {"fine-tuned": weights_digest(model), "architecture": type(model).__name__,
                 "input_size": list(preprocessing.input_size), "mean": list(preprocessing.mean),

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import io
 import struct
 import zlib
 
-import numpy as np
 import pytest
 from PIL import Image
 
