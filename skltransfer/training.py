@@ -172,23 +172,30 @@ def _decay_split(params: dict, names: list[str], lr: float, name: str, weight_de
 
 
 def _schedule(optimizer, plan: TrainingPlan, steps_per_epoch: int, epochs: int):
+    """torch's schedulers, stepped once per batch: linear warm-up, then cosine to 0 (or constant), or one-cycle.
+
+    Each parameter group keeps its own peak rate (the per-stage rates of
+    :func:`_param_groups`): torch's schedulers scale every group's initial
+    rate by the same factor, which is the meaning ``backbone_lr_ratio`` and
+    ``layer_decay`` document. (timm's ``param_groups_layer_decay`` groups per
+    block and stores an ``lr_scale`` that only timm's own schedulers apply.)
+    """
+    from torch.optim import lr_scheduler
+
     total = max(1, steps_per_epoch * epochs)
     if plan.schedule == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(
+        return lr_scheduler.OneCycleLR(
             optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=total,
             pct_start=min(0.5, max(plan.warmup_epochs / max(epochs, 1), 0.05)),
         )
-    warmup = int(round(plan.warmup_epochs * steps_per_epoch))
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        if plan.schedule == "constant":
-            return 1.0
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    warmup = min(int(round(plan.warmup_epochs * steps_per_epoch)), total)
+    after = (lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0) if plan.schedule == "constant"
+             else lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total - warmup), eta_min=0.0))
+    if warmup == 0:
+        return after
+    # The first step trains at 1/warmup of the peak, the warmup-th at the peak.
+    ramp = lr_scheduler.LinearLR(optimizer, start_factor=1.0 / warmup, end_factor=1.0, total_iters=max(1, warmup - 1))
+    return lr_scheduler.SequentialLR(optimizer, [ramp, after], milestones=[warmup])
 
 
 def train_classifier(

@@ -247,3 +247,24 @@ def test_biases_and_norm_weights_are_not_decayed():
             assert group["weight_decay"] == (0.0 if one_d else 0.05), names[id(p)]
     assert sum(len(g["params"]) for g in param_groups) == len(names)  # every parameter, once
     assert param_groups[0]["name"] == "head" and param_groups[0]["weight_decay"] == 0.05
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "constant"])
+def test_warmup_then_schedule_keeps_each_groups_own_peak_rate(schedule):
+    from skltransfer.training import TrainingPlan, _schedule
+
+    head, stage = nn.Parameter(torch.zeros(1)), nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.AdamW([{"params": [head], "lr": 1e-3}, {"params": [stage], "lr": 1e-4}])
+    scheduler = _schedule(optimizer, TrainingPlan(schedule=schedule, warmup_epochs=1.0), steps_per_epoch=4, epochs=3)
+    rates = []
+    for _ in range(12):
+        rates.append([g["lr"] for g in optimizer.param_groups])
+        optimizer.step()
+        scheduler.step()
+    rates = np.array(rates)
+    np.testing.assert_allclose(rates[:, 1] * 10, rates[:, 0])  # backbone_lr_ratio holds at every step
+    np.testing.assert_allclose(rates[:4, 0], [2.5e-4, 5e-4, 7.5e-4, 1e-3])  # linear warm-up to the peak
+    if schedule == "cosine":
+        assert np.all(np.diff(rates[4:, 0]) < 0) and rates[-1, 0] < 0.05 * 1e-3  # cosine down towards 0
+    else:
+        np.testing.assert_allclose(rates[3:, 0], 1e-3)
