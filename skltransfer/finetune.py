@@ -26,7 +26,7 @@ from .backbones import build_classifier_architecture, load_classifier
 from .cache import default_cache_dir
 from .decoding import DEFAULT_MAX_IMAGE_PIXELS, ImageLoadError, as_image_items
 from .engines import ENGINES, resolve_engine
-from .fusion import forget_inference_copies, inference_copy
+from .registry import forget_inference_copies, inference_copy
 from .inference import extract_features, resolve_batch_size, resolve_device
 from .training import TrainingPlan, train_classifier, training_augmentation
 from .weights import weights_digest
@@ -122,9 +122,9 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
     model_ : torch.nn.Module
         The fine-tuned network (eval mode). Predictions run a copy of it with
         BatchNorm folded into the convolutions, made on the first prediction
-        after ``fit`` (:func:`skltransfer.fusion.inference_copy`): after
+        after ``fit`` (:func:`skltransfer.registry.inference_copy`): after
         changing ``model_``'s weights by hand, call
-        :func:`skltransfer.fusion.forget_inference_copies` on it.
+        :func:`skltransfer.registry.forget_inference_copies` on it.
     preprocessing_ : Preprocessing
         Eval resize, crop and normalisation.
     history_ : list of dict

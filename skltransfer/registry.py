@@ -1,10 +1,12 @@
-"""The process-wide model registry: clones, folds and processes' calls share one model.
+"""The process-wide model registry: every model that runs inference, made once.
 
-One job: build a feature model once per configuration and process and hand
-the same one to every estimator that asks (``GridSearchCV`` clones, unpickled
-copies), with BatchNorm folded for inference and, for the OpenVINO engine,
-its compiled copy (:mod:`~skltransfer.engines`). Nothing here builds a model
-itself: :func:`~skltransfer.backbones.load_backbone` does.
+One job: hold the inference models of a process. A feature model is built
+once per configuration and handed to every estimator that asks
+(``GridSearchCV`` clones, unpickled copies); a fine-tuned classifier gets one
+inference copy per device and engine, kept as long as the classifier lives.
+Both have BatchNorm folded (:mod:`~skltransfer.fusion`) and, for the
+OpenVINO engine, are compiled (:mod:`~skltransfer.engines`). Nothing here
+builds a model itself: :func:`~skltransfer.backbones.load_backbone` does.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import copy
 import dataclasses
 import os
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,7 +28,7 @@ from .backbones import Backbone, BackboneSpec, load_backbone
 from .fusion import fold_batchnorm
 from .weights import WeightsSpec, weights_digest
 
-__all__ = ["clear_shared_backbones", "shared_backbone"]
+__all__ = ["clear_shared_backbones", "forget_inference_copies", "inference_copy", "shared_backbone"]
 
 
 _SHARED: OrderedDict[tuple, Backbone] = OrderedDict()
@@ -150,3 +153,95 @@ def _weights_key(weights: WeightsSpec) -> Any:
     except OSError:
         return str(path)  # load_backbone reports the missing file
     return (str(path), stat.st_size, stat.st_mtime_ns)
+
+
+# -- inference copies of models that are still trained (fine-tuned classifiers) --------
+
+# model -> {device: its folded copy there}; an entry goes when its model does.
+_COPIES: weakref.WeakKeyDictionary[nn.Module, dict[str, nn.Module]] = weakref.WeakKeyDictionary()
+_COPIES_LOCK = threading.Lock()
+
+
+def inference_copy(
+    model: nn.Module,
+    device: str | torch.device = "cpu",
+    *,
+    engine: str = "torch",
+    preprocessing=None,
+    engine_dir: str | os.PathLike | None = None,
+):
+    """A folded, eval-mode, gradient-free copy of ``model`` on ``device``, made once.
+
+    For a model that is still trained between predictions (a fine-tuned
+    classifier): ``model`` itself is left as it is, and the copy is kept for
+    as long as ``model`` lives, so repeated predictions pay for the copy and
+    the fold once. The copy holds the weights ``model`` had when it was made:
+    after changing them, call :func:`forget_inference_copies`.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The source model; it may be in training mode.
+    device : str or torch.device
+        Where the copy lives.
+    engine : {"torch", "openvino"}
+        ``"openvino"``: the folded copy compiled by OpenVINO for the CPU
+        (:func:`skltransfer.engines.compile_openvino`; needs
+        ``preprocessing``), its conversion kept in ``engine_dir`` under a
+        digest of the weights. A model that does not convert gives the
+        torch copy, after one :class:`~skltransfer.engines.EngineFallbackWarning`.
+    preprocessing : Preprocessing, optional
+        The model's input size and normalisation (for ``engine="openvino"``).
+    engine_dir : path, optional
+        Where OpenVINO conversions are kept.
+
+    Returns
+    -------
+    torch.nn.Module or skltransfer.engines.OpenVINOModel
+
+    Examples
+    --------
+    >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8))
+    >>> fast = inference_copy(net)
+    >>> type(fast[1]).__name__, type(net[1]).__name__
+    ('Identity', 'BatchNorm2d')
+    >>> inference_copy(net) is fast
+    True
+    """
+    key = (str(torch.device(device)), engine)
+    with _COPIES_LOCK:
+        copies = _COPIES.setdefault(model, {})
+        if key not in copies:
+            if engine == "openvino":
+                folded = _torch_copy(model, "cpu", copies)
+                copies[key] = _compiled_copy(model, folded, preprocessing, engine_dir)
+            else:
+                _torch_copy(model, device, copies)
+        return copies[key]
+
+
+def _torch_copy(model: nn.Module, device, copies: dict) -> nn.Module:
+    key = (str(torch.device(device)), "torch")
+    if key not in copies:
+        fast = copy.deepcopy(model).eval().requires_grad_(False)
+        fold_batchnorm(fast)
+        copies[key] = fast.to(device)
+    return copies[key]
+
+
+def _compiled_copy(model: nn.Module, folded: nn.Module, preprocessing, engine_dir):
+    from .engines import compile_openvino_or_warn
+    from .weights import weights_digest
+
+    identity = {"fine-tuned": weights_digest(model), "architecture": type(model).__name__,
+                "input_size": list(preprocessing.input_size), "mean": list(preprocessing.mean),
+                "std": list(preprocessing.std)}
+    compiled = compile_openvino_or_warn(folded, preprocessing, f"the fine-tuned {type(model).__name__}",
+                                        identity=identity, directory=engine_dir)
+    return folded if compiled is None else compiled
+
+
+def forget_inference_copies(model: nn.Module) -> None:
+    """Drop the copies :func:`inference_copy` made of ``model`` (call after changing its weights)."""
+    with _COPIES_LOCK:
+        _COPIES.pop(model, None)

@@ -10,7 +10,8 @@ from torch import nn
 from skltransfer import PretrainedFeatures
 from skltransfer.backbones import load_backbone
 from skltransfer.registry import shared_backbone
-from skltransfer.fusion import fold_batchnorm, forget_inference_copies, inference_copy
+from skltransfer.fusion import fold_batchnorm
+from skltransfer.registry import forget_inference_copies, inference_copy
 
 from _support import TINY, make_image
 
