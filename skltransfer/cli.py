@@ -25,26 +25,6 @@ EXIT_CODES_HELP = (
 )
 
 
-def _write_digits(folder: Path, max_images: int | None) -> Path:
-    """scikit-learn's bundled handwritten digits, written out as PNG class folders."""
-    import numpy as np
-    from PIL import Image
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    order = np.arange(len(digits.target))
-    if max_images is not None and max_images < len(order):
-        # every class equally, in the dataset's own order
-        per_class = max(1, max_images // 10)
-        order = np.concatenate([np.flatnonzero(digits.target == c)[:per_class] for c in range(10)])
-    for i in order:
-        label_dir = folder / str(digits.target[i])
-        label_dir.mkdir(parents=True, exist_ok=True)
-        pixels = (digits.images[i] * (255.0 / 16.0)).round().astype(np.uint8)
-        Image.fromarray(pixels, mode="L").save(label_dir / f"digit_{i:04d}.png")
-    return folder
-
-
 def _split(data: Path):
     from . import load_image_folder, stable_train_test_split
 
@@ -58,6 +38,7 @@ def _split(data: Path):
 
 
 def _demo(args: argparse.Namespace) -> int:
+    from .datasets import write_digits_folder
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import accuracy_score
     from sklearn.pipeline import make_pipeline
@@ -66,7 +47,7 @@ def _demo(args: argparse.Namespace) -> int:
     say = (lambda *a: None) if args.quiet else print
     with tempfile.TemporaryDirectory(prefix="skltransfer-demo-") as tmp:
         if args.data is None:
-            data = _write_digits(Path(tmp) / "digits", args.max_images)
+            data = write_digits_folder(Path(tmp) / "digits", args.max_images)
             say(f"data: scikit-learn's handwritten digits as PNG files in {data}")
         else:
             data = Path(args.data)
@@ -146,7 +127,7 @@ def _train(args: argparse.Namespace) -> int:
         unfreeze = args.unfreeze if args.unfreeze == "all" else int(args.unfreeze)
         model = FineTuneClassifier(
             backbone=args.backbone, weights=_weights(args), unfreeze=unfreeze, epochs=args.epochs, head_epochs=args.head_epochs,
-            batch_size=args.batch_size, device=args.device,
+            batch_size=args.batch_size, device=args.device, precision=args.precision or "auto",
             num_workers=0 if args.workers == "auto" else args.workers, max_image_pixels=_max_pixels(args),
             engine=args.engine or "auto", random_state=0, verbose=not args.quiet,
         )
@@ -405,14 +386,17 @@ def build_parser() -> argparse.ArgumentParser:
                      "added); print validation accuracy and a per-class report; save the model.",
                      ["skltransfer train photos/ --out model.skops",
                       "skltransfer train photos/ --backbone tf_efficientnet_lite2 --head mlp --refit --out m.skops",
-                      "skltransfer train photos/ --head finetune --unfreeze 2 --epochs 10 --out ft.skops"])
+                      "skltransfer train photos/ --head finetune --out ft.skops"])
     train.add_argument("image_dir", metavar="IMAGE_DIR")
     _backbone_options(train)
     train.add_argument("--head", choices=["logistic", "mlp", "finetune"], default="logistic",
                        help="logistic / mlp: a head on frozen (cached) features; finetune: "
-                       "FineTuneClassifier, the backbone's last layers trained too")
-    train.add_argument("--unfreeze", default="2", help="finetune: layer groups to train (an int or 'all')")
-    train.add_argument("--epochs", type=int, default=10, help="finetune: epochs with --unfreeze applied")
+                       "FineTuneClassifier, the frozen pipeline's head fine-tuned with the backbone "
+                       "(kept only where it beats the frozen features on held-out images)")
+    train.add_argument("--unfreeze", default="all",
+                       help="finetune: layer groups to train (an int or 'all'; default all, as FineTuneClassifier)")
+    train.add_argument("--epochs", type=int, default=8,
+                       help="finetune: most epochs with --unfreeze applied (default 8, as FineTuneClassifier)")
     train.add_argument("--head-epochs", type=int, default=0,
                        help="finetune: head-only epochs first (default 0, as FineTuneClassifier)")
     train.add_argument("--C", type=float, default=0.5, help="inverse regularisation of the logistic head")

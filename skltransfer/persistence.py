@@ -143,8 +143,8 @@ def _refuse_what_cannot_be_rebuilt(model: Any) -> None:
             )
         if isinstance(step, FineTuneClassifier) and callable(step.augment) and not isinstance(step.augment, bool):
             raise UnsafeModelError(
-                f"{name}augment is a callable; the safe format holds no code. Use augment=True/False, "
-                "or save with joblib (trusted use only)."
+                f"{name}augment is a callable; the safe format holds no code. Use a preset "
+                "(augment='auto', 'flip', 'noflip' or 'none'), or save with joblib (trusted use only)."
             )
 
 

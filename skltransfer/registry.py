@@ -26,6 +26,7 @@ from torch import nn
 
 from .backbones import Backbone, BackboneSpec, load_backbone
 from .fusion import fold_batchnorm
+from .pooling import _FlipAveraged
 from .weights import WeightsSpec, weights_digest
 
 __all__ = ["clear_shared_backbones", "forget_inference_copies", "inference_copy", "shared_backbone"]
@@ -48,7 +49,7 @@ def shared_backbone(
     precision: str = "float32",
     engine_dir: str | os.PathLike | None = None,
 ) -> Backbone:
-    """Return the process-wide :class:`Backbone` for a configuration, building it once.
+    """Return the process-wide :class:`~skltransfer.backbones.Backbone` for a configuration, building it once.
 
     Estimator clones (``GridSearchCV`` folds, ``clone``, unpickled copies)
     ask for the same configuration and get the same model. A weight file is
@@ -169,6 +170,7 @@ def inference_copy(
     engine: str = "torch",
     preprocessing=None,
     engine_dir: str | os.PathLike | None = None,
+    tta: str | None = None,
 ):
     """A folded, eval-mode, gradient-free copy of ``model`` on ``device``, made once.
 
@@ -194,6 +196,8 @@ def inference_copy(
         The model's input size and normalisation (for ``engine="openvino"``).
     engine_dir : path, optional
         Where OpenVINO conversions are kept.
+    tta : None or "flip"
+        ``"flip"``: the copy averages the outputs of each image and its mirror.
 
     Returns
     -------
@@ -208,34 +212,35 @@ def inference_copy(
     >>> inference_copy(net) is fast
     True
     """
-    key = (str(torch.device(device)), engine)
+    if tta not in (None, "flip"):
+        raise ValueError(f"tta must be None or 'flip', got {tta!r}")
+    key = (str(torch.device(device)), engine, tta)
     with _COPIES_LOCK:
         copies = _COPIES.setdefault(model, {})
         if key not in copies:
             if engine == "openvino":
-                folded = _torch_copy(model, "cpu", copies)
-                copies[key] = _compiled_copy(model, folded, preprocessing, engine_dir)
+                folded = _torch_copy(model, "cpu", tta, copies)
+                copies[key] = _compiled_copy(model, folded, preprocessing, engine_dir, tta)
             else:
-                _torch_copy(model, device, copies)
+                _torch_copy(model, device, tta, copies)
         return copies[key]
 
 
-def _torch_copy(model: nn.Module, device, copies: dict) -> nn.Module:
-    key = (str(torch.device(device)), "torch")
+def _torch_copy(model: nn.Module, device, tta: str | None, copies: dict) -> nn.Module:
+    key = (str(torch.device(device)), "torch", tta)
     if key not in copies:
         fast = copy.deepcopy(model).eval().requires_grad_(False)
         fold_batchnorm(fast)
-        copies[key] = fast.to(device)
+        copies[key] = (_FlipAveraged(fast) if tta == "flip" else fast).to(device)
     return copies[key]
 
 
-def _compiled_copy(model: nn.Module, folded: nn.Module, preprocessing, engine_dir):
+def _compiled_copy(model: nn.Module, folded: nn.Module, preprocessing, engine_dir, tta: str | None):
     from .engines import compile_openvino_or_warn
-    from .weights import weights_digest
 
     identity = {"fine-tuned": weights_digest(model), "architecture": type(model).__name__,
                 "input_size": list(preprocessing.input_size), "mean": list(preprocessing.mean),
-                "std": list(preprocessing.std)}
+                "std": list(preprocessing.std), **({"tta": tta} if tta else {})}
     compiled = compile_openvino_or_warn(folded, preprocessing, f"the fine-tuned {type(model).__name__}",
                                         identity=identity, directory=engine_dir)
     return folded if compiled is None else compiled

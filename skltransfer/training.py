@@ -28,7 +28,10 @@ from .decoding import DEFAULT_MAX_IMAGE_PIXELS, ImageFailure, ImageLoadError, de
 from .inference import extract_features, image_batches
 from .preprocessing import Preprocessing
 
-__all__ = ["TrainingPlan", "layer_groups", "select_trainable", "train_classifier", "training_augmentation"]
+__all__ = [
+    "AUGMENT_PRESETS", "TrainingPlan", "layer_groups", "linear_probe", "select_trainable", "set_linear_head",
+    "train_classifier", "training_augmentation",
+]
 
 
 # -- which parameters learn ------------------------------------------------------
@@ -91,21 +94,94 @@ def select_trainable(
 # -- data -----------------------------------------------------------------------------
 
 
-def training_augmentation(preprocessing: Preprocessing, scale=(0.35, 1.0)) -> Callable:
-    """timm-style training geometry on uint8 tensors: random resized crop + horizontal flip.
+AUGMENT_PRESETS = ("auto", "flip", "noflip", "none")
 
-    ``scale`` (0.35, 1): the lower bound fastai uses for fine-tuning on small
-    data sets; timm's ImageNet-from-scratch default (0.08) is harsher.
+
+def training_augmentation(preprocessing: Preprocessing, preset: str = "flip", scale=(0.35, 1.0)) -> Callable:
+    """Training geometry on uint8 tensors, by preset.
+
+    ``"flip"``: random resized crop (``scale`` of the area, 0.35-1: the lower
+    bound fastai uses for fine-tuning on small data sets; timm's
+    ImageNet-from-scratch 0.08 is harsher) + horizontal flip, for photos.
+    ``"noflip"``: the same crop, never mirrored (digits, signs, text: a
+    mirror image means something else). ``"auto"``: per image, as
+    ``crop="auto"`` decides per image: images larger than the input on
+    either side get ``"flip"``; smaller ones a gentler crop (0.8-1: a small
+    image has few pixels to lose; on the demo's 8 px digits 0.6-1 cost 2
+    points of validation accuracy after 4 epochs where no augmentation
+    gained 2) and no mirroring (small images are often symbols). ``"none"``: the eval geometry.
+
+    Examples
+    --------
+    >>> from skltransfer.preprocessing import Preprocessing
+    >>> p = Preprocessing((32, 32), 1.0, "center", "bilinear", (0.5,) * 3, (0.5,) * 3)
+    >>> training_augmentation(p, "auto")(torch.zeros(3, 20, 24, dtype=torch.uint8)).shape
+    torch.Size([3, 32, 32])
     """
+    if preset == "none":
+        return preprocessing.resize_crop
+    if preset == "auto":
+        return _PerImageSize(preprocessing, training_augmentation(preprocessing, "flip", scale),
+                             training_augmentation(preprocessing, "noflip", (0.8, 1.0)))
+    if preset not in ("flip", "noflip"):
+        raise ValueError(f"augment must be one of {AUGMENT_PRESETS}, True, False or a callable, got {preset!r}")
     from torchvision.transforms import v2
 
     from .preprocessing import _INTERPOLATIONS
 
-    return v2.Compose([
-        v2.RandomResizedCrop(list(preprocessing.input_size), scale=scale,
-                             interpolation=_INTERPOLATIONS[preprocessing.interpolation], antialias=True),
-        v2.RandomHorizontalFlip(),
-    ])
+    crop = v2.RandomResizedCrop(list(preprocessing.input_size), scale=scale,
+                                interpolation=_INTERPOLATIONS[preprocessing.interpolation], antialias=True)
+    return v2.Compose([crop, v2.RandomHorizontalFlip()]) if preset == "flip" else crop
+
+
+class _PerImageSize:
+    """``large`` for images larger than the input on either side, ``small`` for the rest."""
+
+    def __init__(self, preprocessing: Preprocessing, large: Callable, small: Callable):
+        self.input_size, self.large, self.small = preprocessing.input_size, large, small
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        height, width = image.shape[-2:]
+        small = height < self.input_size[0] and width < self.input_size[1]
+        return (self.small if small else self.large)(image)
+
+
+# -- the head from a linear probe ------------------------------------------------------
+
+
+def linear_probe(features: np.ndarray, targets: np.ndarray, n_classes: int, *, class_weight=None,
+                 max_iter: int = 1000):
+    """The README's frozen pipeline head: ``LogisticRegression(max_iter=1000)`` on frozen features.
+
+    Returns the fitted estimator; :func:`set_linear_head` copies it into a
+    classifier. LP-FT (Kumar et al. 2022) starts fine-tuning from this head,
+    so that a random head sends no large gradients into the pretrained features.
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    probe = LogisticRegression(max_iter=max_iter, class_weight=class_weight)
+    probe.fit(features, targets)
+    if len(probe.classes_) != n_classes:
+        raise ValueError(f"the linear probe saw {len(probe.classes_)} of {n_classes} classes")
+    return probe
+
+
+@torch.no_grad()
+def set_linear_head(model: nn.Module, classifier: str, probe) -> None:
+    """Copy a fitted linear model (``coef_``, ``intercept_``) into the classifier ``nn.Linear``.
+
+    A binary probe's single row ``w`` becomes ``(-w/2, w/2)``: the same
+    softmax probabilities as its sigmoid.
+    """
+    head = model.get_submodule(classifier)
+    coef = torch.as_tensor(probe.coef_, dtype=torch.float32)
+    bias = torch.as_tensor(probe.intercept_, dtype=torch.float32)
+    if coef.shape[0] == 1 and head.out_features == 2:
+        coef, bias = torch.cat([-coef / 2, coef / 2]), torch.cat([-bias / 2, bias / 2])
+    if tuple(coef.shape) != tuple(head.weight.shape):
+        raise ValueError(f"probe of shape {tuple(coef.shape)} does not fit the head {tuple(head.weight.shape)}")
+    head.weight.copy_(coef)
+    head.bias.copy_(bias)
 
 
 # -- the plan and the loop ------------------------------------------------------------
@@ -129,18 +205,26 @@ class TrainingPlan:
     num_workers: int = 0
     max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
     n_iter_no_change: int | None = None
+    freeze_batchnorm: bool = True
+    autocast_dtype: torch.dtype | None = None
     class_weights: torch.Tensor | None = None
     verbose: bool = False
     seed: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
 
 
-def _frozen_batchnorm_to_eval(model: nn.Module, trainable: set[str]) -> None:
-    """BatchNorm layers with no trainable parameter keep their running statistics."""
+def _batchnorm_to_eval(model: nn.Module, trainable: set[str], freeze_all: bool) -> None:
+    """BatchNorm layers keep their running statistics: all of them, or those with no trainable parameter.
+
+    Keeping every BatchNorm in inference mode (Keras' transfer-learning
+    guide) keeps the statistics the pretrained features, and a linear probe
+    on them, were computed with: on small data sets, statistics re-estimated
+    from a few augmented batches move the features away from the head.
+    """
     for name, module in model.named_modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             own = [f"{name}.{p}" for p, _ in module.named_parameters(recurse=False)]
-            if not any(p in trainable for p in own):
+            if freeze_all or not any(p in trainable for p in own):
                 module.eval()
 
 
@@ -209,13 +293,19 @@ def train_classifier(
     plan: TrainingPlan,
     device: torch.device,
     validation: tuple[Sequence[Any], np.ndarray] | None = None,
+    start: dict[str, Any] | None = None,
 ) -> list[dict[str, float]]:
     """Train ``model`` in place; returns the per-epoch history.
 
     Runs ``plan.head_epochs`` with only the classifier learning, then
     ``plan.epochs`` with the groups chosen by ``unfreeze``. With a
-    validation set and ``plan.n_iter_no_change``, stops when the validation
-    loss has not improved for that many epochs and restores the best weights.
+    validation set, each epoch is scored on it and the best state seen is
+    restored at the end (highest validation accuracy, ties to the lower
+    validation log-loss, then to the earlier epoch); with
+    ``plan.n_iter_no_change`` training stops after that many epochs without
+    a better state. ``start`` (a history row, "epoch 0") makes the model as
+    it comes in a candidate too: scored on the validation set before any
+    step, and kept unless training beats it clearly (``_choose``).
     """
     geometry = augment if augment is not None else preprocessing.resize_crop
     loader_rng = torch.Generator().manual_seed(plan.seed)
@@ -226,16 +316,38 @@ def train_classifier(
     )
     weights = plan.class_weights.to(device) if plan.class_weights is not None else None
     loss_fn = nn.CrossEntropyLoss(weight=weights, label_smoothing=plan.label_smoothing)
-    use_amp = device.type == "cuda"
-    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    amp_dtype = plan.autocast_dtype
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and amp_dtype == torch.float16)
     model.to(device=device, memory_format=torch.channels_last)
 
-    best = (math.inf, None, -1)
+    best_score: tuple = (-math.inf,)  # the best state seen, for stopping
     stale = 0
+    candidates: dict[str, tuple[tuple, dict, int, np.ndarray]] = {}  # "start" and the best trained state
+
+    def consider(row: dict, correct: np.ndarray, which: str) -> bool:
+        """Keep the state if it is the best of its kind so far; True when training should stop."""
+        nonlocal best_score, stale
+        score = (row["valid_accuracy"], -row["valid_loss"])
+        if which not in candidates or score > candidates[which][0]:
+            candidates[which] = (score, copy.deepcopy(model.state_dict()), len(plan.history), correct)
+        if score > best_score:
+            best_score, stale = score, 0
+        else:
+            stale += 1
+        plan.history.append(row)
+        return bool(plan.n_iter_no_change) and stale >= plan.n_iter_no_change
+
+    if start is not None and validation is not None:
+        metrics, correct = evaluate(model, validation[0], validation[1], preprocessing, weights,
+                                    plan.batch_size, device, plan.max_image_pixels, per_image=True)
+        consider({**start, **metrics}, correct, "start")
+    elif start is not None:
+        plan.history.append(dict(start))
+
+    stop = False
     phases = [("head", 0, plan.head_epochs), ("tune", unfreeze, plan.epochs)]
     for phase, phase_unfreeze, epochs in phases:
-        if epochs <= 0:
+        if epochs <= 0 or stop:
             continue
         groups = select_trainable(model, classifier, phase_unfreeze)
         trainable = {n for g in groups for n in g} | {
@@ -247,34 +359,48 @@ def train_classifier(
         scheduler = _schedule(optimizer, plan, max(1, len(loader)), epochs)
         for _ in range(epochs):
             row = _train_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, trainable, plan,
-                               device, use_amp, amp_dtype, items, targets, phase, preprocessing)
-            if validation is not None:
-                row.update(evaluate(model, validation[0], validation[1], preprocessing, loss_fn,
-                                    plan.batch_size, device, plan.max_image_pixels))
-                if row["valid_loss"] < best[0] - 1e-4:
-                    best = (row["valid_loss"], copy.deepcopy(model.state_dict()), len(plan.history))
-                    stale = 0
-                else:
-                    stale += 1
-            plan.history.append(row)
-            if validation is not None and plan.n_iter_no_change and stale >= plan.n_iter_no_change:
+                               device, amp_dtype, items, targets, phase, preprocessing)
+            if validation is None:
+                plan.history.append(row)
+                continue
+            metrics, correct = evaluate(model, validation[0], validation[1], preprocessing, weights,
+                                        plan.batch_size, device, plan.max_image_pixels, per_image=True)
+            if consider({**row, **metrics}, correct, "trained"):
+                stop = True
                 break
-        if validation is not None and plan.n_iter_no_change and stale >= plan.n_iter_no_change:
-            break
-    if best[1] is not None and plan.n_iter_no_change:
-        model.load_state_dict(best[1])
-        plan.history[best[2]]["best"] = True
+    kept = _choose(candidates)
+    if kept is not None:
+        model.load_state_dict(kept[1])
+        plan.history[kept[2]]["best"] = True
     model.eval().requires_grad_(False)
     return plan.history
 
 
+def _choose(candidates: dict) -> tuple | None:
+    """The trained state, unless the starting one (a linear probe) is as good on the validation images.
+
+    Training must win clearly: it must get at least 2 more validation
+    images right than the start, net, and at least one standard deviation
+    of the sign test on the images where the two disagree (``sqrt(b + c)``).
+    A one-image gain on 49 images is noise; keeping the start then gives
+    the frozen pipeline's result exactly.
+    """
+    trained, start = candidates.get("trained"), candidates.get("start")
+    if start is None or trained is None:
+        return trained or start
+    won = int(np.sum(trained[3] & ~start[3]))  # right after training, wrong at the start
+    lost = int(np.sum(start[3] & ~trained[3]))
+    net = won - lost
+    return trained if net >= 2 and net >= math.sqrt(won + lost) else start
+
+
 def _train_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, trainable, plan, device,
-                 use_amp, amp_dtype, items, targets, phase, preprocessing) -> dict[str, float]:
+                 amp_dtype, items, targets, phase, preprocessing) -> dict[str, float]:
     from tqdm.auto import tqdm
 
     model.train()
-    _frozen_batchnorm_to_eval(model, trainable)
-    epoch = len(plan.history) + 1
+    _batchnorm_to_eval(model, trainable, plan.freeze_batchnorm)
+    epoch = sum(1 for row in plan.history if row["phase"] != "probe") + 1
     total_loss, correct, seen, failures = 0.0, 0, 0, []
     start = time.perf_counter()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -288,7 +414,7 @@ def _train_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, trainable
             x = x.contiguous(memory_format=torch.channels_last)
             target = torch.as_tensor(targets[indices], dtype=torch.long).to(device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 logits = model(x)
                 loss = loss_fn(logits.float(), target)
             scaler.scale(loss).backward()
@@ -317,15 +443,22 @@ def _train_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, trainable
 
 
 @torch.no_grad()
-def evaluate(model, items, targets, preprocessing, loss_fn, batch_size, device,
-             max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> dict[str, float]:
-    """Validation loss and accuracy with the eval geometry (the prediction path)."""
+def evaluate(model, items, targets, preprocessing, class_weights, batch_size, device,
+             max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, per_image: bool = False):
+    """Validation log-loss (plain cross-entropy, class-weighted where asked) and accuracy, eval geometry.
+
+    float32 and the prediction path's geometry, whatever the training
+    precision, so that every epoch, the probe's included, is scored alike.
+    With ``per_image``, also whether each image was classified right.
+    """
     model.eval()
     logits, failures = extract_features(model, preprocessing, items, batch_size=batch_size, device=device,
                                         max_image_pixels=max_pixels)
     if failures:
         raise ImageLoadError(failures)
     logits, target = torch.from_numpy(logits), torch.as_tensor(np.asarray(targets), dtype=torch.long)
-    weight = None if loss_fn.weight is None else loss_fn.weight.to("cpu")
-    loss = nn.functional.cross_entropy(logits, target, weight=weight, label_smoothing=loss_fn.label_smoothing).item()
-    return {"valid_loss": loss, "valid_accuracy": (logits.argmax(1) == target).float().mean().item()}
+    weight = None if class_weights is None else class_weights.to("cpu")
+    loss = nn.functional.cross_entropy(logits, target, weight=weight).item()
+    correct = (logits.argmax(1) == target).numpy()
+    metrics = {"valid_loss": loss, "valid_accuracy": float(correct.mean())}
+    return (metrics, correct) if per_image else metrics

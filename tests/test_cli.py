@@ -179,3 +179,16 @@ def test_backbones_lists_the_packaged_weights_and_how_to_get_missing_ones(capsys
 def test_missing_model_file_is_exit_code_1(tmp_path, image_folder, capsys):
     assert main(["predict", str(tmp_path / "nope.joblib"), str(image_folder)]) == 1
     assert "nope.joblib" in capsys.readouterr().err
+
+
+def test_finetune_options_default_to_the_estimators_defaults():
+    from skltransfer import FineTuneClassifier
+    from skltransfer.cli import build_parser
+
+    args = build_parser().parse_args(["train", "photos/", "--head", "finetune"])
+    defaults = FineTuneClassifier().get_params()
+    unfreeze = args.unfreeze if args.unfreeze == "all" else int(args.unfreeze)
+    assert (unfreeze, args.epochs, args.head_epochs) == (
+        defaults["unfreeze"], defaults["epochs"], defaults["head_epochs"])
+    assert (args.precision or "auto", args.device, args.batch_size) == (  # None: the estimator's own
+        defaults["precision"], defaults["device"], defaults["batch_size"])

@@ -53,7 +53,7 @@ def test_unfreeze_0_trains_only_the_head_and_keeps_batchnorm_statistics(data):
 
 def test_unfreeze_2_trains_the_last_two_groups_and_nothing_before(data):
     initial = _initial_state(data)
-    clf = tiny(unfreeze=2, epochs=2).fit(*data)
+    clf = tiny(unfreeze=2, epochs=2, freeze_batchnorm=False).fit(*data)
     groups = layer_groups(clf.model_, clf.classifier_)
     changed = _changed(initial, clf.model_)
     last_two = set(groups[-1] + groups[-2])
@@ -64,6 +64,14 @@ def test_unfreeze_2_trains_the_last_two_groups_and_nothing_before(data):
     trained_bn = [k for k in initial if "running_mean" in k and k.rsplit(".", 1)[0] + ".weight" in last_two]
     assert frozen_bn and not set(frozen_bn) & changed
     assert trained_bn and set(trained_bn) & changed
+
+
+def test_by_default_no_batchnorm_statistic_moves_while_the_layers_learn(data):
+    initial = _initial_state(data)
+    clf = tiny(unfreeze="all", epochs=2).fit(*data)
+    changed = _changed(initial, clf.model_)
+    assert "conv_stem.weight" in changed and "bn1.weight" in changed  # BatchNorm's scale learns...
+    assert not {k for k in changed if "running_" in k or "num_batches" in k}  # ...its statistics stay
 
 
 def test_unfreeze_all_trains_the_stem(data):
@@ -84,8 +92,11 @@ def test_unfreeze_patterns_and_an_unknown_pattern(data):
 
 def test_head_epochs_come_first_and_history_records_every_epoch(data):
     clf = tiny(head_epochs=1, epochs=2).fit(*data)
-    assert [h["phase"] for h in clf.history_] == ["head", "tune", "tune"]
-    assert [h["epoch"] for h in clf.history_] == [1, 2, 3]
+    assert [h["phase"] for h in clf.history_] == ["probe", "head", "tune", "tune"]
+    assert [h["epoch"] for h in clf.history_] == [0, 1, 2, 3]
+    assert clf.best_epoch_ is None  # 16 images: no validation split, the last state is kept
+    clf = tiny(head_epochs=1, epochs=1, init_head="random").fit(*data)
+    assert [h["phase"] for h in clf.history_] == ["head", "tune"]
     for h in clf.history_:
         assert {"train_loss", "train_accuracy", "learning_rate", "images_per_second"} <= set(h)
 
@@ -98,11 +109,13 @@ def test_head_only_phase_leaves_the_backbone_alone(data):
 
 def test_early_stopping_records_validation_and_restores_the_best_epoch(data):
     clf = tiny(epochs=6, early_stopping=True, validation_fraction=0.25, n_iter_no_change=1,
-               learning_rate=0.05).fit(*data)
+               learning_rate=0.05, init_head="random").fit(*data)
     assert 1 <= len(clf.history_) <= 6
     assert all("valid_loss" in h and "valid_accuracy" in h for h in clf.history_)
     best = [h for h in clf.history_ if h.get("best")]
-    assert len(best) == 1 and best[0]["valid_loss"] == min(h["valid_loss"] for h in clf.history_)
+    key = [(h["valid_accuracy"], -h["valid_loss"]) for h in clf.history_]
+    assert len(best) == 1 and (best[0]["valid_accuracy"], -best[0]["valid_loss"]) == max(key)
+    assert clf.best_epoch_ == best[0]["epoch"]
 
 
 def test_the_same_random_state_gives_the_same_model_on_cpu(data):
@@ -146,7 +159,7 @@ def test_warm_start_continues_training(data):
     clf = tiny(epochs=1, warm_start=True).fit(*data)
     first = {k: v.clone() for k, v in clf.model_.state_dict().items()}
     clf.fit(*data)
-    assert len(clf.history_) == 2 and _changed(first, clf.model_)
+    assert [h["epoch"] for h in clf.history_] == [0, 1, 2] and _changed(first, clf.model_)  # no second probe
     with pytest.raises(ValueError, match="classes changed"):
         clf.fit(data[0], np.array(["x", "y"] * 8))
 
@@ -268,3 +281,97 @@ def test_warmup_then_schedule_keeps_each_groups_own_peak_rate(schedule):
         assert np.all(np.diff(rates[4:, 0]) < 0) and rates[-1, 0] < 0.05 * 1e-3  # cosine down towards 0
     else:
         np.testing.assert_allclose(rates[3:, 0], 1e-3)
+
+
+def _blobs(n: int = 40):
+    rng = np.random.default_rng(0)
+    X = rng.integers(0, 256, (n, 48, 48, 3), dtype=np.uint8)
+    y = np.array(["a", "b"] * (n // 2))
+    X[y == "a"] //= 3
+    return X, y
+
+
+def test_the_head_starts_as_the_readme_pipelines_linear_probe():
+    from sklearn.linear_model import LogisticRegression
+
+    from skltransfer import PretrainedFeatures
+
+    X, y = _blobs()
+    clf = tiny(epochs=0, early_stopping=False, random_state=5).fit(X, y)
+    frozen = make_pipeline(PretrainedFeatures(TINY, weights=None, cache=None), LogisticRegression(max_iter=1000))
+    np.testing.assert_allclose(clf.predict_proba(X), frozen.fit(X, y).predict_proba(X), atol=1e-5)
+    assert clf.history_[0]["phase"] == "probe" and clf.history_[0]["epoch"] == 0
+
+
+def test_when_training_does_not_win_clearly_the_result_is_the_frozen_pipeline():
+    from sklearn.linear_model import LogisticRegression
+
+    from skltransfer import PretrainedFeatures
+
+    X, y = _blobs()
+    # A learning rate too small to change anything: no epoch beats the probe, so the probe is
+    # kept and refitted on every image, as the README pipeline is.
+    clf = tiny(epochs=2, early_stopping=True, validation_fraction=0.5, learning_rate=1e-12).fit(X, y)
+    assert clf.best_epoch_ == 0 and clf.history_[0].get("best") and clf.history_[0].get("refitted")
+    assert [h["epoch"] for h in clf.history_] == [0, 1, 2]
+    assert all("valid_accuracy" in h for h in clf.history_)
+    frozen = make_pipeline(PretrainedFeatures(TINY, weights=None, cache=None), LogisticRegression(max_iter=1000))
+    np.testing.assert_allclose(clf.predict_proba(X), frozen.fit(X, y).predict_proba(X), atol=1e-5)
+
+
+def test_a_validation_split_is_made_only_when_it_can_choose():
+    X, y = _blobs(100)  # 20 validation images at validation_fraction=0.2: enough
+    assert tiny(epochs=1).fit(X, y).best_epoch_ in (0, 1)
+    X, y = _blobs(94)  # 19 validation images (0.2 x 94, rounded up): too few, every image trains
+    clf = tiny(epochs=1).fit(X, y)
+    assert clf.best_epoch_ is None and "valid_accuracy" not in clf.history_[-1]
+    with pytest.raises(ValueError):  # asked for, impossible: one image of class "c"
+        tiny(early_stopping=True).fit(X[:9], np.array(["a", "b"] * 4 + ["c"]))
+
+
+@pytest.mark.parametrize(
+    "won, lost, expected",
+    [(1, 0, "start"), (2, 0, "trained"), (5, 3, "start"), (10, 3, "trained"), (0, 0, "start"), (3, 5, "start")],
+)
+def test_training_must_beat_the_probe_clearly(won, lost, expected):
+    from skltransfer.training import _choose
+
+    start = np.array([False] * won + [True] * lost + [True] * 20)
+    trained = np.array([True] * won + [False] * lost + [True] * 20)
+    candidates = {"start": ((0.5,), {}, 0, start), "trained": ((0.6,), {}, 3, trained)}
+    assert _choose(candidates) is candidates[expected]
+
+
+def test_augmentation_presets_mirror_only_where_asked():
+    from skltransfer.preprocessing import Preprocessing
+    from skltransfer.training import training_augmentation
+
+    p = Preprocessing((16, 16), 1.0, "center", "bilinear", (0.5,) * 3, (0.5,) * 3)
+    half = torch.zeros(3, 16, 16, dtype=torch.uint8)
+    half[:, :, :8] = 255  # bright on the left
+    torch.manual_seed(0)
+    for preset, image, may_mirror in [("noflip", half, False), ("flip", half, True),
+                                      ("auto", half.repeat(1, 2, 2), True), ("auto", half[:, :12, :12], False)]:
+        augment = training_augmentation(p, preset)
+        outs = [augment(image) for _ in range(40)]
+        assert all(o.shape == (3, 16, 16) for o in outs)
+        mirrored = [o[:, :, :4].float().mean() < o[:, :, -4:].float().mean() for o in outs]
+        assert any(mirrored) == may_mirror, preset
+    assert training_augmentation(p, "none") == p.resize_crop
+    with pytest.raises(ValueError, match="augment"):
+        training_augmentation(p, "sideways")
+
+
+def test_tta_flip_predicts_an_image_and_its_mirror_alike(data):
+    paths, labels = data
+    clf = tiny(tta="flip", engine="torch").fit(paths, labels)
+    X = np.stack([np.asarray(__import__("PIL.Image").Image.open(p).convert("RGB")) for p in paths[:4]])
+    X[:, :, : X.shape[2] // 2] //= 2  # not mirror-symmetric
+    np.testing.assert_allclose(clf.predict_proba(X), clf.predict_proba(X[:, :, ::-1].copy()), atol=1e-5)
+    plain = clone(clf).set_params(tta=None).fit(paths, labels)
+    assert not np.allclose(plain.predict_proba(X), plain.predict_proba(X[:, :, ::-1].copy()), atol=1e-5)
+
+
+def test_16_bit_training_precisions_the_cpu_cannot_run_are_refused(data):
+    with pytest.raises(ValueError, match="float16 is for GPUs"):
+        tiny(precision="float16", device="cpu").fit(*data)
