@@ -1,9 +1,12 @@
-"""Loading image folders and splitting them stably.
+"""Loading image folders, splitting them stably, and example data.
 
 ``root/<class>/<image>`` is the layout of torchvision's ``ImageFolder`` and
 of the TensorFlow retraining tutorials. Splits are decided by a hash of each
 file's name (as TensorFlow's ``retrain.py`` does), so adding images to a
 folder never moves an existing image from train to test.
+
+Example data: :func:`write_digits_folder` (installed with scikit-learn) and
+:func:`fetch_hymenoptera` (downloaded once, checked, kept in a local folder).
 """
 
 from __future__ import annotations
@@ -12,11 +15,15 @@ import hashlib
 import os
 import warnings
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["IMAGE_EXTENSIONS", "iter_image_files", "load_image_folder", "stable_train_test_split"]
+__all__ = [
+    "DATA_HOME_ENV", "IMAGE_EXTENSIONS", "DatasetUnavailableError", "data_home", "fetch_hymenoptera",
+    "iter_image_files", "load_image_folder", "stable_train_test_split", "write_digits_folder",
+]
 
 #: File endings read as images (compared case-insensitively).
 IMAGE_EXTENSIONS = (
@@ -180,3 +187,181 @@ def stable_train_test_split(
 def _hash_fraction(name: str, salt: str) -> float:
     digest = hashlib.sha1(f"{salt}{name}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def write_digits_folder(folder: str | os.PathLike, max_images: int | None = None) -> Path:
+    """scikit-learn's bundled handwritten digits, written out as PNG files in class folders.
+
+    1,797 grey 8 x 8 images (``folder/<digit>/digit_NNNN.png``), installed
+    with scikit-learn, so examples and ``skltransfer demo`` run with no
+    download. Small images far from ImageNet's photos: frozen features do
+    well, fine-tuning better.
+
+    Parameters
+    ----------
+    folder : str or PathLike
+        Where to write (created; existing files are overwritten).
+    max_images : int, optional
+        At most this many, every class equally, in the data set's own order.
+
+    Returns
+    -------
+    Path
+        ``folder``, ready for :func:`load_image_folder`.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     paths, labels = load_image_folder(write_digits_folder(tmp, max_images=20))
+    >>> len(paths), sorted(set(labels.tolist()))[:3]
+    (20, ['0', '1', '2'])
+    """
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    folder = Path(folder)
+    digits = load_digits()
+    order = np.arange(len(digits.target))
+    if max_images is not None and max_images < len(order):
+        per_class = max(1, max_images // 10)
+        order = np.concatenate([np.flatnonzero(digits.target == c)[:per_class] for c in range(10)])
+    for i in order:
+        label_dir = folder / str(digits.target[i])
+        label_dir.mkdir(parents=True, exist_ok=True)
+        pixels = (digits.images[i] * (255.0 / 16.0)).round().astype(np.uint8)
+        Image.fromarray(pixels, mode="L").save(label_dir / f"digit_{i:04d}.png")
+    return folder
+
+
+# -- downloaded example data ------------------------------------------------------------
+
+#: Environment variable naming the folder example data sets are kept in.
+DATA_HOME_ENV = "SKLTRANSFER_DATA"
+
+
+class DatasetUnavailableError(OSError):
+    """An example data set is not in the local folder and could not be downloaded."""
+
+
+@dataclass(frozen=True)
+class RemoteArchive:
+    """Where a data set's archive is downloaded from, and what it must hash to.
+
+    ``sha256=None`` marks a checksum that could not be checked when the code
+    was written (no network there): the archive is then accepted on its
+    layout alone, and its digest is recorded beside the data.
+    """
+
+    url: str
+    sha256: str | None
+    # archive member folder -> the data set's folder
+    folders: tuple[tuple[str, str], ...]
+
+
+HYMENOPTERA = RemoteArchive(
+    # The PyTorch transfer-learning tutorial's archive (ants and bees; its val/ is our test/).
+    url="https://download.pytorch.org/tutorial/hymenoptera_data.zip",
+    sha256=None,  # UNVERIFIED: written offline; the first download's digest is kept in SHA256SUM
+    folders=(("hymenoptera_data/train/", "train/"), ("hymenoptera_data/val/", "test/")),
+)
+
+
+def data_home(folder: str | os.PathLike | None = None) -> Path:
+    """Where example data sets are kept: ``folder``, else ``$SKLTRANSFER_DATA``, else ``~/.cache/skltransfer/datasets``.
+
+    Examples
+    --------
+    >>> data_home("/data/sets")
+    PosixPath('/data/sets')
+    """
+    if folder is not None:
+        return Path(folder).expanduser()
+    if os.environ.get(DATA_HOME_ENV):
+        return Path(os.environ[DATA_HOME_ENV]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "skltransfer" / "datasets"
+
+
+def fetch_hymenoptera(folder: str | os.PathLike | None = None, *, download: bool = True,
+                      timeout: float = 60.0) -> Path:
+    """The ants-vs-bees photos of PyTorch's transfer-learning tutorial: ``train/`` and ``test/`` class folders.
+
+    397 JPEG photos (244 train, 153 test), 2 classes. Kept in
+    ``data_home(folder) / "hymenoptera"``: a folder that already holds
+    ``train/`` and ``test/`` is used as it is (so a copy you have is never
+    downloaded again); otherwise the tutorial's archive (47 MB) is
+    downloaded, its checksum checked, and unpacked there.
+
+    Parameters
+    ----------
+    folder : path, optional
+        The data home (see :func:`data_home`).
+    download : bool, default=True
+        False: never touch the network; an error if the data is not there.
+    timeout : float, default=60
+        Seconds to wait for the server.
+
+    Returns
+    -------
+    Path
+        The folder holding ``train/`` and ``test/``; pass each to :func:`load_image_folder`.
+
+    Raises
+    ------
+    DatasetUnavailableError
+        Not there and not downloadable (offline, say): the message names the
+        folder to put a copy in, or to pass instead.
+    """
+    return _fetch("hymenoptera", HYMENOPTERA, data_home(folder), download, timeout)
+
+
+def _fetch(name: str, remote: RemoteArchive, home: Path, download: bool, timeout: float) -> Path:
+    import shutil
+    import tempfile
+    import urllib.request
+    import zipfile
+
+    target = home / name
+    wanted = [dest.rstrip("/") for _, dest in remote.folders]
+    if all((target / d).is_dir() for d in wanted):
+        return target
+    how_to = (f"put a copy in {target} (with {' and '.join(d + '/' for d in wanted)} class folders), "
+              f"set ${DATA_HOME_ENV} to a folder holding {name}/, or pass your own image folder instead")
+    if not download:
+        raise DatasetUnavailableError(f"{name} is not in {target} and download=False: {how_to}")
+    home.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=home, prefix=f".{name}-") as tmp:
+        archive = Path(tmp) / "archive.zip"
+        try:
+            with urllib.request.urlopen(remote.url, timeout=timeout) as response, open(archive, "wb") as out:
+                shutil.copyfileobj(response, out)
+        except OSError as exc:
+            raise DatasetUnavailableError(f"could not download {name} from {remote.url} ({exc}): {how_to}") from exc
+        digest = hashlib.sha256(archive.read_bytes()).hexdigest()
+        if remote.sha256 is not None and digest != remote.sha256:
+            raise DatasetUnavailableError(
+                f"{remote.url} does not have the expected checksum (sha256 {digest}, expected {remote.sha256}); "
+                f"nothing was kept. {how_to}"
+            )
+        staged = Path(tmp) / name
+        try:
+            with zipfile.ZipFile(archive) as zf:
+                for member in zf.infolist():
+                    dest = next((d + member.filename[len(src):] for src, d in remote.folders
+                                 if member.filename.startswith(src)), None)
+                    if dest is None or member.is_dir() or ".." in Path(dest).parts:
+                        continue
+                    path = staged / dest
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    with zf.open(member) as src_file, open(path, "wb") as out:
+                        shutil.copyfileobj(src_file, out)
+        except zipfile.BadZipFile as exc:
+            raise DatasetUnavailableError(f"{remote.url} is not a zip archive ({exc}): {how_to}") from exc
+        if not all((staged / d).is_dir() for d in wanted):
+            raise DatasetUnavailableError(f"{remote.url} does not hold {', '.join(wanted)}: {how_to}")
+        (staged / "SHA256SUM").write_text(f"{digest}  {remote.url}\n")
+        if target.exists():  # an incomplete earlier copy
+            shutil.rmtree(target)
+        staged.rename(target)  # complete or absent: never half there
+    return target

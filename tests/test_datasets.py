@@ -73,3 +73,129 @@ def test_real_folder_with_a_space_in_a_file_name():
     paths, labels = load_image_folder(root / "train")
     assert len(paths) == 244 and set(labels) == {"ants", "bees"}
     assert any(p.endswith("ant photos.jpg") for p in paths)
+
+
+# -- example data: digits from scikit-learn, hymenoptera from a server ----------------------
+
+
+def test_digits_are_written_as_class_folders_of_png_files(tmp_path):
+    from skltransfer.datasets import write_digits_folder
+
+    paths, labels = load_image_folder(write_digits_folder(tmp_path / "digits", max_images=30))
+    assert len(paths) == 30 and sorted(set(labels)) == [str(d) for d in range(10)]
+    from PIL import Image
+
+    assert Image.open(paths[0]).size == (8, 8)
+
+
+def _archive(tmp_path, corrupt: bool = False) -> bytes:
+    import io
+    import zipfile
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as zf:
+        for split in ("train", "val"):
+            for cls in ("ants", "bees"):
+                for i in range(2):
+                    image = io.BytesIO()
+                    Image.new("RGB", (12, 10), (200 if cls == "ants" else 20, 90, 40)).save(image, "JPEG")
+                    zf.writestr(f"hymenoptera_data/{split}/{cls}/{i}.jpg", image.getvalue())
+        zf.writestr("hymenoptera_data/../escape.txt", "outside")  # never written outside the folder
+    data = buffer.getvalue()
+    return data[:-40] if corrupt else data
+
+
+@pytest.fixture
+def server(tmp_path):
+    """A local HTTP server: {path: bytes} to serve, and the list of paths asked for."""
+    import http.server
+    import threading
+
+    files: dict[str, bytes] = {}
+    asked: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            asked.append(self.path)
+            body = files.get(self.path)
+            self.send_response(200 if body is not None else 404)
+            self.end_headers()
+            self.wfile.write(body or b"")
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}", files, asked
+    httpd.shutdown()
+
+
+def _remote(url: str, sha256):
+    from skltransfer.datasets import HYMENOPTERA, RemoteArchive
+
+    return RemoteArchive(url=url, sha256=sha256, folders=HYMENOPTERA.folders)
+
+
+def test_fetch_downloads_checks_unpacks_once_and_then_reads_locally(tmp_path, server, monkeypatch):
+    import hashlib
+
+    from skltransfer import datasets
+
+    base, files, asked = server
+    files["/h.zip"] = _archive(tmp_path)
+    monkeypatch.setattr(datasets, "HYMENOPTERA", _remote(base + "/h.zip", hashlib.sha256(files["/h.zip"]).hexdigest()))
+    folder = datasets.fetch_hymenoptera(tmp_path / "home")
+    assert folder == tmp_path / "home" / "hymenoptera"
+    train, y_train = load_image_folder(folder / "train")
+    test, y_test = load_image_folder(folder / "test")  # the archive's val/ is our test/
+    assert len(train) == len(test) == 4 and sorted(set(y_train)) == ["ants", "bees"]
+    assert not (tmp_path / "home" / "escape.txt").exists() and not (tmp_path / "escape.txt").exists()
+    assert datasets.fetch_hymenoptera(tmp_path / "home") == folder and asked == ["/h.zip"]  # no second download
+    monkeypatch.setenv(datasets.DATA_HOME_ENV, str(tmp_path / "home"))
+    assert datasets.fetch_hymenoptera() == folder and len(asked) == 1
+
+
+def test_a_wrong_checksum_keeps_nothing_and_says_both_digests(tmp_path, server, monkeypatch):
+    from skltransfer import datasets
+
+    base, files, _ = server
+    files["/h.zip"] = _archive(tmp_path)
+    monkeypatch.setattr(datasets, "HYMENOPTERA", _remote(base + "/h.zip", "0" * 64))
+    with pytest.raises(datasets.DatasetUnavailableError, match="expected 0000"):
+        datasets.fetch_hymenoptera(tmp_path / "home")
+    assert list((tmp_path / "home").iterdir()) == []  # no partial data set, no temporary files
+
+
+def test_an_unverified_checksum_accepts_the_layout_and_records_the_digest(tmp_path, server, monkeypatch):
+    import hashlib
+
+    from skltransfer import datasets
+
+    base, files, _ = server
+    files["/h.zip"] = _archive(tmp_path)
+    monkeypatch.setattr(datasets, "HYMENOPTERA", _remote(base + "/h.zip", None))
+    folder = datasets.fetch_hymenoptera(tmp_path / "home")
+    assert (folder / "SHA256SUM").read_text().startswith(hashlib.sha256(files["/h.zip"]).hexdigest())
+    files["/bad.zip"] = _archive(tmp_path, corrupt=True)
+    monkeypatch.setattr(datasets, "HYMENOPTERA", _remote(base + "/bad.zip", None))
+    with pytest.raises(datasets.DatasetUnavailableError, match="not a zip archive"):
+        datasets.fetch_hymenoptera(tmp_path / "other")
+
+
+def test_offline_or_download_false_names_the_folder_to_use_instead(tmp_path, server, monkeypatch):
+    from skltransfer import datasets
+
+    base, _, _ = server
+    with pytest.raises(datasets.DatasetUnavailableError, match="download=False") as info:
+        datasets.fetch_hymenoptera(tmp_path / "home", download=False)
+    assert str(tmp_path / "home" / "hymenoptera") in str(info.value)
+    monkeypatch.setattr(datasets, "HYMENOPTERA", _remote(base + "/missing.zip", None))  # 404
+    with pytest.raises(datasets.DatasetUnavailableError, match="could not download") as info:
+        datasets.fetch_hymenoptera(tmp_path / "home")
+    assert "pass your own image folder" in str(info.value)
+    monkeypatch.setattr(datasets, "HYMENOPTERA", _remote("http://127.0.0.1:9/h.zip", None))  # nothing listens
+    with pytest.raises(datasets.DatasetUnavailableError, match="could not download"):
+        datasets.fetch_hymenoptera(tmp_path / "home", timeout=5)
