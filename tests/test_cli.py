@@ -35,6 +35,16 @@ def test_demo_on_a_folder_of_my_own(tmp_path, image_folder, capsys):
     assert out.exists()
 
 
+@pytest.mark.slow
+def test_demo_can_show_the_fine_tuned_model_beside_the_frozen_one(tmp_path, image_folder, capsys):
+    out = tmp_path / "mine.skops"
+    assert main(["demo", "--quiet", "--data", str(image_folder), "--out", str(out), "--finetune"]) == 0
+    printed = capsys.readouterr().out
+    line = next(line for line in printed.splitlines() if line.startswith("FineTuneClassifier(): test accuracy"))
+    assert "no validation split" in line  # 16 images: too few to hold any out, as documented
+    assert "test accuracy:" in printed  # the frozen pipeline's line is still there
+
+
 def test_demo_reports_a_bad_folder_with_exit_code_1(tmp_path, capsys):
     assert main(["demo", "--quiet", "--data", str(tmp_path / "missing")]) == 1
     assert "missing" in capsys.readouterr().err
