@@ -1,8 +1,12 @@
-"""Batch scoring with Dask: a LocalCluster here, any cluster in production.
+"""
+Batch scoring with Dask: a LocalCluster here, any cluster in production
+=======================================================================
+
 
     python examples/dask_batch_scoring.py [PHOTOS_DIR]
 
-Trains a small model on hymenoptera/train (or PHOTOS_DIR/train), then scores the test
+Trains a small model on PHOTOS_DIR/train (default: the ants and bees photos,
+``skltransfer.datasets.fetch_hymenoptera``, downloaded once), then scores the test
 photos as a Dask DataFrame of paths on 2 local workers, writes the predictions to a
 Parquet dataset and prints the accuracy. Needs pip install skltransfer[dask].
 """
@@ -19,10 +23,10 @@ from sklearn.pipeline import make_pipeline
 
 import skltransfer.dask
 from skltransfer import PretrainedFeatures, load_image_folder
-
-root = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parents[2] / "shared/data/hymenoptera"
+from skltransfer.datasets import fetch_hymenoptera
 
 if __name__ == "__main__":
+    root = Path(sys.argv[1]) if len(sys.argv) > 1 else fetch_hymenoptera()
     train, y_train = load_image_folder(root / "train")
     test, y_test = load_image_folder(root / "test")
     model = make_pipeline(PretrainedFeatures(), LogisticRegression(max_iter=1000)).fit(train, y_train)

@@ -1,11 +1,15 @@
-"""Search backbones and heads together, at the cost of one pass per backbone.
+"""
+Search backbones and heads together, at the cost of one pass per backbone
+=========================================================================
+
 
     python examples/plot_backbone_search.py [PHOTOS_DIR] [--n 400] [--out backbone_search.png]
 
 GridSearchCV over 2 packaged backbones x 3 scikit-learn heads x 5 folds. The feature
 cache means each image goes through each backbone once; the 30 head fits reuse the
 stored features. Draws the cross-validated accuracy of every combination as bars, and
-prints what the cache did. Default data: ../shared/data/hymenoptera/train (ants vs bees).
+prints what the cache did. Default data: the demo's 8 x 8 digits (installed with
+scikit-learn); pass any class folders instead (the ants and bees photos, say).
 Needs matplotlib (pip install skltransfer[examples]); tf_efficientnet_lite1 needs
 pip install skltransfer[lite].
 """
@@ -27,15 +31,17 @@ from sklearn.pipeline import Pipeline
 from sklearn.svm import SVC
 
 from skltransfer import FeatureCache, PretrainedFeatures, load_image_folder
+from skltransfer.datasets import write_digits_folder
 
 parser = argparse.ArgumentParser()
-parser.add_argument("photos", nargs="?", type=Path,
-                    default=Path(__file__).resolve().parents[2] / "shared/data/hymenoptera/train")
+parser.add_argument("photos", nargs="?", type=Path, help="class folders (default: the demo's digits)")
 parser.add_argument("--n", type=int, default=400, help="images to use at most")
 parser.add_argument("--out", default="backbone_search.png")
 args = parser.parse_args()
 
-paths, labels = load_image_folder(args.photos)
+# Your folders, else the demo's 8 x 8 digits (installed with scikit-learn: no download).
+folder = args.photos or write_digits_folder(Path(tempfile.mkdtemp(prefix="skltransfer-example-")) / "digits")
+paths, labels = load_image_folder(folder)
 keep = np.random.default_rng(0).permutation(len(paths))[: args.n]
 paths, labels = [paths[i] for i in sorted(keep)], labels[sorted(keep)]
 

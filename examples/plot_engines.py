@@ -1,12 +1,16 @@
-"""Inference engines: the same features, faster, with OpenVINO on the CPU.
+"""
+Inference engines: the same features, faster, with OpenVINO on the CPU
+======================================================================
+
 
     python examples/plot_engines.py [PHOTOS_DIR]
 
 Extracts features from the same JPEG photos with ``engine="torch"`` and
 ``engine="openvino"`` (and OpenVINO in bfloat16 where the CPU has native
 bfloat16), prints images/s and how closely the features agree, and plots both
-to engines.png. Photos: PHOTOS_DIR, else ../shared/data/hymenoptera when
-present, else 160 crops of the two photos that ship with scikit-learn.
+to engines.png. Photos: PHOTOS_DIR, else the ants and bees photos when they are in
+``$SKLTRANSFER_DATA`` (``skltransfer.datasets.fetch_hymenoptera``; never downloaded
+here), else 160 crops of the two photos that ship with scikit-learn.
 Runs offline.
 """
 
@@ -23,12 +27,16 @@ import numpy as np
 from PIL import Image
 
 from skltransfer import PretrainedFeatures, load_image_folder
+from skltransfer.datasets import DatasetUnavailableError, fetch_hymenoptera
 from skltransfer.engines import native_bfloat16
 
 
 def photos() -> list:
-    root = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parents[2] / "shared/data/hymenoptera"
-    if root.is_dir():
+    try:  # your photos, else the ants and bees photos if this machine has them (never downloaded here)
+        root = Path(sys.argv[1]) if len(sys.argv) > 1 else fetch_hymenoptera(download=False)
+    except DatasetUnavailableError:
+        root = None
+    if root is not None and root.is_dir():
         return load_image_folder(root / "train" if (root / "train").is_dir() else root)[0][:240]
     from sklearn.datasets import load_sample_images
 

@@ -1,9 +1,12 @@
-"""What the backbone sees: a 2-D map of pretrained features, and where the classifier errs.
+"""
+What the backbone sees: a 2-D map of pretrained features, and where the classifier errs
+=======================================================================================
+
 
     python examples/plot_feature_space.py [PHOTOS_DIR] [--out feature_space.png]
 
-Extracts default-backbone features for a folder of photos (default: the five-class
-flowers set in ../shared/data/flowers5, 400 images a class at most), then draws
+Extracts default-backbone features for a folder of images (default: the demo's 8 x 8
+digits, installed with scikit-learn; 400 images a class at most), then draws
 (left) the images' features projected on their first two principal components,
 coloured by class: clusters mean the frozen features already separate the classes;
 (right) the confusion matrix of a LogisticRegression on those features, on a stable
@@ -11,6 +14,7 @@ held-out split. Writes a PNG. Needs matplotlib (pip install skltransfer[examples
 """
 
 import argparse
+import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -24,15 +28,17 @@ from sklearn.metrics import ConfusionMatrixDisplay
 from sklearn.preprocessing import StandardScaler
 
 from skltransfer import PretrainedFeatures, load_image_folder, stable_train_test_split
+from skltransfer.datasets import write_digits_folder
 
 parser = argparse.ArgumentParser()
-parser.add_argument("photos", nargs="?", type=Path,
-                    default=Path(__file__).resolve().parents[2] / "shared/data/flowers5")
+parser.add_argument("photos", nargs="?", type=Path, help="class folders (default: the demo's digits)")
 parser.add_argument("--per-class", type=int, default=400)
 parser.add_argument("--out", default="feature_space.png")
 args = parser.parse_args()
 
-paths, labels = load_image_folder(args.photos)
+# Your folders, else the demo's 8 x 8 digits (installed with scikit-learn: no download).
+folder = args.photos or write_digits_folder(Path(tempfile.mkdtemp(prefix="skltransfer-example-")) / "digits")
+paths, labels = load_image_folder(folder)
 keep = np.concatenate([np.flatnonzero(labels == c)[: args.per_class] for c in np.unique(labels)])
 paths, labels = [paths[i] for i in keep], labels[keep]
 

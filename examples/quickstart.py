@@ -1,10 +1,15 @@
-"""Quickstart: an image classifier from a folder of photos, saved as one file.
+"""
+Quickstart: an image classifier from a folder of photos, saved as one file
+==========================================================================
+
 
     python examples/quickstart.py [PHOTOS_DIR]
 
-PHOTOS_DIR holds one subfolder per class (or train/ and test/). Without it, the
-ants/bees photos in ../shared/data/hymenoptera are used when present.
-Runs offline: the default backbone's ImageNet weights ship with the package.
+PHOTOS_DIR holds one subfolder per class (or train/ and test/). Without it, the ants
+and bees photos of PyTorch's transfer-learning tutorial
+(``skltransfer.datasets.fetch_hymenoptera``: downloaded once, 47 MB, into
+``$SKLTRANSFER_DATA`` or ``~/.cache/skltransfer/datasets``). The default backbone's
+ImageNet weights ship with the package: with your own photos this runs offline.
 """
 
 import sys
@@ -15,8 +20,9 @@ from sklearn.pipeline import make_pipeline
 
 import skltransfer
 from skltransfer import PretrainedFeatures, load_image_folder, stable_train_test_split
+from skltransfer.datasets import fetch_hymenoptera
 
-root = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parents[2] / "shared/data/hymenoptera"
+root = Path(sys.argv[1]) if len(sys.argv) > 1 else fetch_hymenoptera()
 if (root / "train").is_dir():
     train, y_train = load_image_folder(root / "train")
     test, y_test = load_image_folder(root / "test")

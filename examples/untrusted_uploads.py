@@ -1,4 +1,7 @@
-"""Scoring uploads from strangers: a safe model file, bombs and broken files as error rows.
+"""
+Scoring uploads from strangers: a safe model file, bombs and broken files as error rows
+=======================================================================================
+
 
     python examples/untrusted_uploads.py
 

@@ -104,7 +104,7 @@ def load_backbone(
     tta: str | None = None,
     with_classifier: bool = False,
 ) -> Backbone:
-    """Build a backbone (no caching: see :func:`shared_backbone`).
+    """Build a backbone (no caching: see :func:`~skltransfer.registry.shared_backbone`).
 
     Parameters
     ----------

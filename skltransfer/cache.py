@@ -103,7 +103,7 @@ class FeatureCache:
     ----------
     directory : str or PathLike, optional
         Where the database lives (created if missing). Default:
-        :func:`default_cache_dir`.
+        :func:`~skltransfer.cache.default_cache_dir`.
     max_bytes : int, optional
         Size limit for stored features; least recently used rows are evicted
         past it. ``None``: no limit.

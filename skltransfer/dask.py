@@ -163,7 +163,7 @@ def extract_to_parquet(features: Any, paths: Any, path: str, *, client: Any = No
     """Compute features for ``paths`` and write them as a Parquet dataset at ``path``.
 
     One file per partition, written by the workers; keyword arguments go to
-    :meth:`dask.dataframe.DataFrame.to_parquet` (``storage_options``, ...).
+    ``dask.dataframe.DataFrame.to_parquet`` (``storage_options``, ...).
     """
     extract(features, paths, client=client).to_parquet(path, write_index=False, **to_parquet)
 

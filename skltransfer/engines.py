@@ -166,7 +166,7 @@ class OpenVINOModel:
 
     Normalisation is part of the compiled model. :meth:`start` returns at
     once (the computation runs on OpenVINO's threads, outside the GIL), so
-    the caller can decode the next batch meanwhile; :meth:`__call__` waits.
+    the caller can decode the next batch meanwhile; ``__call__`` waits.
 
     Parameters
     ----------

@@ -262,7 +262,8 @@ class PretrainedFeatures(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
 
         Returns
         -------
-        ndarray of shape (n_samples, n_features_out_), float32
+        ndarray of shape (n_samples, n_features), float32
+            One row per image; ``n_features`` is ``n_features_out_``.
 
         Raises
         ------
