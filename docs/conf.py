@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -102,8 +103,12 @@ GALLERY_ARGS = {
 }
 
 
+GALLERY_OUT = Path(tempfile.mkdtemp(prefix="skltransfer-gallery-"))  # the examples' own PNGs: not in examples/
+
+
 def gallery_argv(gallery_conf, script_vars):
-    return GALLERY_ARGS.get(Path(script_vars["src_file"]).name, [])
+    name = Path(script_vars["src_file"]).name
+    return GALLERY_ARGS.get(name, []) + ["--out", str(GALLERY_OUT / name.replace(".py", ".png"))]
 
 
 

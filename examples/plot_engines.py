@@ -3,7 +3,7 @@ Inference engines: the same features, faster, with OpenVINO on the CPU
 ======================================================================
 
 
-    python examples/plot_engines.py [PHOTOS_DIR]
+    python examples/plot_engines.py [PHOTOS_DIR] [--out engines.png]
 
 Extracts features from the same JPEG photos with ``engine="torch"`` and
 ``engine="openvino"`` (and OpenVINO in bfloat16 where the CPU has native
@@ -14,8 +14,8 @@ here), else 160 crops of the two photos that ship with scikit-learn.
 Runs offline.
 """
 
+import argparse
 import io
-import sys
 import time
 from pathlib import Path
 
@@ -31,9 +31,15 @@ from skltransfer.datasets import DatasetUnavailableError, fetch_hymenoptera
 from skltransfer.engines import native_bfloat16
 
 
+parser = argparse.ArgumentParser()
+parser.add_argument("photos", nargs="?", type=Path, help="a folder of photos (default: see above)")
+parser.add_argument("--out", default="engines.png")
+args = parser.parse_args()
+
+
 def photos() -> list:
     try:  # your photos, else the ants and bees photos if this machine has them (never downloaded here)
-        root = Path(sys.argv[1]) if len(sys.argv) > 1 else fetch_hymenoptera(download=False)
+        root = args.photos or fetch_hymenoptera(download=False)
     except DatasetUnavailableError:
         root = None
     if root is not None and root.is_dir():
@@ -93,5 +99,5 @@ right.set_ylabel("images")
 right.set_title("Agreement with torch float32")
 right.legend()
 fig.tight_layout()
-fig.savefig("engines.png", dpi=120)
-print("saved engines.png")
+fig.savefig(args.out, dpi=120)
+print(f"saved {args.out}")

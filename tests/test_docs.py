@@ -20,6 +20,7 @@ def test_the_site_builds_without_a_warning_and_runs_every_gallery_example(tmp_pa
     pytest.importorskip("sphinx_gallery")
     pytest.importorskip("numpydoc")
     generated = [DOCS / "generated", DOCS / "auto_examples"]
+    examples_before = sorted((ROOT / "examples").iterdir())
     existed = [p.exists() for p in generated]
     out = tmp_path / "html"
     env = {**os.environ, "SKLTRANSFER_CACHE_DIR": str(tmp_path / "feature-cache"), "MPLBACKEND": "Agg"}
@@ -37,6 +38,7 @@ def test_the_site_builds_without_a_warning_and_runs_every_gallery_example(tmp_pa
         for example in sorted((ROOT / "examples").glob("plot_*.py")):
             html = (out / "auto_examples" / f"{example.stem}.html").read_text()
             assert "sphx-glr-single-img" in html or "sphx-glr-multi-img" in html, f"{example.name}: no figure"
+        assert sorted((ROOT / "examples").iterdir()) == examples_before  # the examples wrote nothing there
     finally:
         for path, was_there in zip(generated, existed):
             if not was_there:
