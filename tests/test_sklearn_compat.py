@@ -92,12 +92,12 @@ _LEARNS_FROM_IMAGES = (
 EXPECTED_CLASSIFIER_FAILURES = {
     "check_n_features_in": _ANY_IMAGE_SIZE,
     "check_n_features_in_after_fitting": _ANY_IMAGE_SIZE,
-    # Fails on 83 % training accuracy (still with 10 epochs, lr 3e-3, everything unfrozen).
+    # Fails on the training-accuracy threshold: the probe's features of 1-pixel-high drawings of
+    # table rows, from a random-weight network, do not separate them well enough.
     "check_classifiers_train": _LEARNS_FROM_IMAGES,
     "check_classifiers_train(readonly_memmap=True)": _LEARNS_FROM_IMAGES,
     "check_classifiers_train(readonly_memmap=True,X_dtype=float32)": _LEARNS_FROM_IMAGES,
-    # Passes with 5 epochs, which would make every check of this estimator 7x slower.
-    "check_class_weight_classifiers": _LEARNS_FROM_IMAGES,
+    # check_class_weight_classifiers passes since the head starts as a (class-weighted) linear probe.
 }
 
 
