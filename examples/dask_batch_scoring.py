@@ -3,6 +3,8 @@ Batch scoring with Dask: a LocalCluster here, any cluster in production
 =======================================================================
 
 
+Usage::
+
     python examples/dask_batch_scoring.py [PHOTOS_DIR]
 
 Trains a small model on PHOTOS_DIR/train (default: the ants and bees photos,

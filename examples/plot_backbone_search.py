@@ -3,6 +3,8 @@ Search backbones and heads together, at the cost of one pass per backbone
 =========================================================================
 
 
+Usage::
+
     python examples/plot_backbone_search.py [PHOTOS_DIR] [--n 400] [--out backbone_search.png]
 
 GridSearchCV over 2 packaged backbones x 3 scikit-learn heads x 5 folds. The feature

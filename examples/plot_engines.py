@@ -3,6 +3,8 @@ Inference engines: the same features, faster, with OpenVINO on the CPU
 ======================================================================
 
 
+Usage::
+
     python examples/plot_engines.py [PHOTOS_DIR] [--out engines.png]
 
 Extracts features from the same JPEG photos with ``engine="torch"`` and

@@ -3,6 +3,8 @@ What the backbone sees: a 2-D map of pretrained features, and where the classifi
 =======================================================================================
 
 
+Usage::
+
     python examples/plot_feature_space.py [PHOTOS_DIR] [--out feature_space.png]
 
 Extracts default-backbone features for a folder of images (default: the demo's 8 x 8

@@ -12,9 +12,11 @@ cannot help, and takes the gain where it can.
 By default this runs on scikit-learn's 8 x 8 handwritten digits written out as PNG
 files (installed with scikit-learn: no download), far from ImageNet's photos, where
 fine-tuning pays. Pass a folder with ``train/`` and ``test/`` class folders to use
-your own images. About 4 minutes on 2 CPU cores for 600 digits; the documentation's
+your own images. About 2-3 minutes on 2 CPU cores for 600 digits; the documentation's
 gallery runs it on 140 digits for at most 4 epochs (``--max-images 140 --epochs 4``), to
 build in well under a minute; the figure's title says which state that small run kept.
+
+Usage::
 
     python examples/plot_finetune_learning_curve.py [IMAGES_DIR] [--max-images 600] [--epochs 8]
         [--out learning_curve.png]
@@ -69,7 +71,7 @@ for ax in (loss_ax, acc_ax):
         ax.axvline(clf.best_epoch_, color="grey", linestyle=":", label=f"kept: epoch {clf.best_epoch_}")
     ax.set_xlabel("epoch")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="best", framealpha=0.85)
 loss_ax.set_ylabel("cross-entropy")
 acc_ax.set_ylabel("accuracy")
 kept = "the frozen pipeline (probe)" if clf.best_epoch_ == 0 else f"fine-tuned, epoch {clf.best_epoch_}"

@@ -3,6 +3,8 @@ Which feature options transfer best to small images? A grid search, made cheap b
 ===========================================================================================
 
 
+Usage::
+
     python examples/plot_transfer_options.py [--data DIR] [--per-class 30]
         [--backbones tf_efficientnet_lite0 ...] [--out transfer_options.png]
 

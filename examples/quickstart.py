@@ -3,6 +3,8 @@ Quickstart: an image classifier from a folder of photos, saved as one file
 ==========================================================================
 
 
+Usage::
+
     python examples/quickstart.py [PHOTOS_DIR]
 
 PHOTOS_DIR holds one subfolder per class (or train/ and test/). Without it, the ants

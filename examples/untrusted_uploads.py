@@ -3,6 +3,8 @@ Scoring uploads from strangers: a safe model file, bombs and broken files as err
 =======================================================================================
 
 
+Usage::
+
     python examples/untrusted_uploads.py
 
 Trains a small classifier on crops of the two photos that ship with scikit-learn,
