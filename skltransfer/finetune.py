@@ -30,7 +30,7 @@ from .engines import ENGINES, native_bfloat16, resolve_engine
 from .features import PretrainedFeatures
 from .preprocessing import CROP_POLICIES
 from .registry import forget_inference_copies, inference_copy
-from .inference import PRECISIONS, extract_features, resolve_batch_size, resolve_device
+from .inference import PRECISIONS, extract_features, resolve_batch_size, resolve_device, resolve_precision
 from .training import (
     AUGMENT_PRESETS,
     TrainingPlan,
@@ -439,12 +439,14 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
         return training_augmentation(preprocessing, augment) if isinstance(augment, str) else augment
 
     def _autocast_dtype(self, device: torch.device) -> torch.dtype | None:
-        """The training autocast dtype for ``precision`` (None: float32)."""
-        precision = self.precision
-        if precision == "auto":
-            if device.type == "cuda":
-                return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-            return None  # CPU: bfloat16 autocast measured no faster for training (see the docstring)
+        """The training autocast dtype for ``precision`` (None: float32).
+
+        ``"auto"`` resolves as for features on CUDA (:func:`~skltransfer.inference.resolve_precision`)
+        and to float32 on the CPU, where bfloat16 autocast measured no faster for training.
+        """
+        if self.precision == "auto" and device.type != "cuda":
+            return None
+        precision = resolve_precision(self.precision, device)
         if precision == "float32":
             return None
         if device.type == "cpu" and (precision == "float16" or not native_bfloat16()):
@@ -452,7 +454,7 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
                 f"precision={precision!r} training on this CPU: float16 is for GPUs, and bfloat16 needs a CPU "
                 "with native bfloat16 (AVX-512 BF16 or AMX); use 'auto' or 'float32'"
             )
-        return torch.bfloat16 if precision == "bfloat16" else torch.float16
+        return {"bfloat16": torch.bfloat16, "float16": torch.float16}[precision]
 
     def _train_batch_size(self, device: torch.device) -> int:
         if self.batch_size == "auto":

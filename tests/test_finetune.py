@@ -377,33 +377,24 @@ def test_16_bit_training_precisions_the_cpu_cannot_run_are_refused(data):
         tiny(precision="float16", device="cpu").fit(*data)
 
 
-def test_stopping_waits_for_training_to_stop_improving_not_for_it_to_pass_the_probe():
-    from skltransfer.training import TrainingPlan, train_classifier
+def test_stopping_waits_for_training_to_stop_improving_not_for_it_to_pass_the_probe(monkeypatch):
+    import skltransfer.training as training
+    from skltransfer.backbones import load_classifier
 
     # A dip below the probe in the first epochs must not stop training: count the epochs run
     # when every trained state is worse than the start but keeps improving.
-    calls = []
+    accuracies = iter([0.9, 0.5, 0.6, 0.7, 0.8, 0.85])
 
-    def fake_evaluate(model, items, targets, *args, per_image=False, **kwargs):
-        calls.append(1)
-        accuracy = [0.9, 0.5, 0.6, 0.7, 0.8, 0.85][len(calls) - 1]
-        correct = np.arange(20) < round(accuracy * 20)
-        return {"valid_loss": 1.0 - accuracy, "valid_accuracy": accuracy}, correct
+    def fake_evaluate(*args, per_image=False, **kwargs):
+        accuracy = next(accuracies)
+        return {"valid_loss": 1.0 - accuracy, "valid_accuracy": accuracy}, np.arange(20) < round(accuracy * 20)
 
-    import skltransfer.training as training
-
+    monkeypatch.setattr(training, "evaluate", fake_evaluate)
     X, y = _blobs(24)
-    from skltransfer.backbones import load_classifier
-
     model, pre, head = load_classifier(TINY, None, 2)
-    original = training.evaluate
-    training.evaluate = fake_evaluate
-    try:
-        plan = TrainingPlan(epochs=5, n_iter_no_change=1, batch_size=8, warmup_epochs=0)
-        targets = (y == "b").astype(int)
-        history = train_classifier(model, head, "all", list(X), targets, pre, None, plan, torch.device("cpu"),
-                                   validation=(list(X[:4]), targets[:4]), start={"epoch": 0, "phase": "probe"})
-    finally:
-        training.evaluate = original
+    plan = training.TrainingPlan(epochs=5, n_iter_no_change=1, batch_size=8, warmup_epochs=0)
+    targets = (y == "b").astype(int)
+    history = training.train_classifier(model, head, "all", list(X), targets, pre, None, plan, torch.device("cpu"),
+                                        validation=(list(X[:4]), targets[:4]), start={"epoch": 0, "phase": "probe"})
     assert [h["epoch"] for h in history] == [0, 1, 2, 3, 4, 5]  # never stopped: training kept improving
     assert history[0].get("best")  # and the probe, better than all of it, was kept
