@@ -55,13 +55,15 @@ with tempfile.TemporaryDirectory() as tmp:
     accuracy = clf.score(test, y_test)
 
 # %%
-# The probe is epoch 0; the dotted line marks the state that was kept.
-history = clf.history_
+# The probe is epoch 0; the dotted line marks the state that was kept. (When a
+# fine-tuned state wins, ``fit`` then repeats those epochs on every image:
+# ``phase="refit"`` rows, with no validation scores, not plotted here.)
+history = [h for h in clf.history_ if h["phase"] != "refit"]
 epochs = [h["epoch"] for h in history]
 fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
 tuned = [h for h in history if h["phase"] != "probe"]
 loss_ax.plot([h["epoch"] for h in tuned], [h["train_loss"] for h in tuned], "o-",
-             label="train (augmented, label smoothing 0.1)")
+             label=f"train (augmented, label smoothing {clf.label_smoothing})")
 loss_ax.plot(epochs, [h["valid_loss"] for h in history], "o-", label="validation")
 acc_ax.plot([h["epoch"] for h in tuned], [h["train_accuracy"] for h in tuned], "o-", label="train (augmented)")
 acc_ax.plot(epochs, [h["valid_accuracy"] for h in history], "o-", label="validation")

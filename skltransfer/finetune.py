@@ -8,6 +8,8 @@ optimisation, :func:`~skltransfer.inference.extract_features` for predictions.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import os
 import warnings
 from numbers import Integral, Real
@@ -55,9 +57,10 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
     on these images before); the probe becomes the network's head ("epoch 0");
     the whole network then trains at a small learning rate with every
     BatchNorm in inference mode; each epoch is scored on a stratified
-    validation split and the best state seen is kept. When the probe stays
-    best, it is refitted on all the images: the result is then exactly the
-    frozen pipeline. ``best_epoch_`` says which one you got.
+    validation split and the best state seen is chosen. The winner is then
+    refitted on all the images: when the probe stays best, the result is
+    exactly the frozen pipeline; when fine-tuning wins, it runs again on every
+    image for the chosen number of epochs. ``best_epoch_`` says which one you got.
 
     Parameters
     ----------
@@ -100,7 +103,11 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
     schedule : {"cosine", "onecycle", "constant"}, default="cosine"
         Learning-rate schedule of each phase, after ``warmup_epochs`` of linear warm-up.
     warmup_epochs : float, default=1.0
-    label_smoothing : float, default=0.1
+    label_smoothing : float, default=0.0
+        Cross-entropy label smoothing, off by default: the probe the head
+        starts from is fitted without it, and smoothing's targets pull the
+        probe's logits away from its optimum in the first steps (cifar10-dev,
+        seed 0: 78.1 % with 0 against 76.8 % with 0.1, before the refit).
     max_grad_norm : float or None, default=1.0
         Gradient clipping (None: off).
     augment : {"auto", "flip", "noflip", "none"}, bool or callable, default="auto"
@@ -135,6 +142,14 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
         always split (an error if the data cannot be split). False: never.
     validation_fraction : float, default=0.2
     n_iter_no_change : int, default=3
+    refit : bool, default=True
+        After the validation split chose, train the winner again on every
+        image, as ``GridSearchCV(refit=True)`` does: the probe is refitted
+        (free), a fine-tuned winner trains again from the pretrained weights
+        and an all-image probe for as many epochs as the kept state had
+        (on the same schedule), which roughly doubles the fit's time. False keeps
+        a fine-tuned winner as trained on the other ``1 - validation_fraction``
+        of the images (the probe is refitted either way).
     batch_size : int or "auto", default="auto"
         Images per training step (32 on CPU, 64 on CUDA); prediction uses
         :class:`~skltransfer.PretrainedFeatures`' choice (6 at 224 x 224 on CPU).
@@ -185,7 +200,9 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
         "head" or "tune"), ``train_loss``, ``train_accuracy``,
         ``learning_rate`` (the head's, at the epoch's end),
         ``images_per_second``; with a validation split also ``valid_loss``
-        (cross-entropy) and ``valid_accuracy``, and ``best`` on the kept state.
+        (cross-entropy) and ``valid_accuracy``, and ``best`` on the kept state
+        (with ``refitted`` when ``refit`` trained it again on every image;
+        that run's epochs follow, ``phase="refit"``, without validation scores).
     best_epoch_ : int
         The epoch whose state was kept: 0 is the probe (the frozen pipeline,
         refitted on all images), ``None`` when no validation split chose.
@@ -226,6 +243,7 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
         "early_stopping": ["boolean", StrOptions({"auto"})],
         "validation_fraction": [Interval(Real, 0, 1, closed="neither")],
         "n_iter_no_change": [Interval(Integral, 1, None, closed="left")],
+        "refit": ["boolean"],
         "batch_size": [Interval(Integral, 1, None, closed="left"), StrOptions({"auto"})],
         "device": [str, torch.device],
         "precision": [StrOptions({"auto", *PRECISIONS})],
@@ -252,7 +270,7 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
         weight_decay: float = 0.01,
         schedule: str = "cosine",
         warmup_epochs: float = 1.0,
-        label_smoothing: float = 0.1,
+        label_smoothing: float = 0.0,
         max_grad_norm: float | None = 1.0,
         augment: bool | str | Any = "auto",
         crop: str = "auto",
@@ -262,6 +280,7 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
         early_stopping: bool | str = "auto",
         validation_fraction: float = 0.2,
         n_iter_no_change: int = 3,
+        refit: bool = True,
         batch_size: int | str = "auto",
         device: str | torch.device = "auto",
         precision: str = "auto",
@@ -294,6 +313,7 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
         self.early_stopping = early_stopping
         self.validation_fraction = validation_fraction
         self.n_iter_no_change = n_iter_no_change
+        self.refit = refit
         self.batch_size = batch_size
         self.device = device
         self.precision = precision
@@ -357,7 +377,6 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
             features = self._frozen_features(items, model, classifier)
         if features is not None:
             probe = linear_probe(features[train_idx], train_targets, len(classes), class_weight=self.class_weight)
-            set_linear_head(model, classifier, probe)
             start = {"epoch": 0, "phase": "probe", "train_loss": float("nan"),
                      "train_accuracy": float(probe.score(features[train_idx], train_targets)),
                      "learning_rate": 0.0, "images_per_second": float("nan")}
@@ -374,6 +393,11 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
             class_weights=weights, verbose=self.verbose, seed=seed,
             history=list(self.history_) if continuing else [],
         )
+        # What a refit on every image starts from: the weights before the probe and training.
+        initial = copy.deepcopy(model.state_dict()) if split is not None and self.refit else None
+        trained_before = sum(1 for row in plan.history if row["phase"] in ("head", "tune"))
+        if features is not None:
+            set_linear_head(model, classifier, probe)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             history = train_classifier(model, classifier, self.unfreeze, train_items, train_targets,
@@ -384,6 +408,20 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
             # The frozen pipeline won: the probe refitted on every image, as the README's pipeline is.
             set_linear_head(model, classifier, linear_probe(features, targets, len(classes),
                                                             class_weight=self.class_weight))
+            best["refitted"] = True
+        elif best is not None and initial is not None:
+            # Training won: the same training again on every image, for as many epochs as the kept state had.
+            model.load_state_dict(initial)
+            if features is not None:
+                set_linear_head(model, classifier, linear_probe(features, targets, len(classes),
+                                                                class_weight=self.class_weight))
+            refit = dataclasses.replace(plan, history=[], n_iter_no_change=None,
+                                        stop_after=int(best["epoch"]) - trained_before)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                train_classifier(model, classifier, self.unfreeze, items, targets, preprocessing,
+                                 self._augmentation(preprocessing), refit, device)
+            history += [{**row, "phase": "refit"} for row in refit.history]
             best["refitted"] = True
         self.model_ = model.to("cpu") if device.type != "cpu" else model
         forget_inference_copies(self.model_)  # warm_start trained the same module further

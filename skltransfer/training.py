@@ -199,12 +199,13 @@ class TrainingPlan:
     weight_decay: float = 0.01
     schedule: str = "cosine"
     warmup_epochs: float = 1.0
-    label_smoothing: float = 0.1
+    label_smoothing: float = 0.0
     max_grad_norm: float | None = 1.0
     batch_size: int = 32
     num_workers: int = 0
     max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
     n_iter_no_change: int | None = None
+    stop_after: int | None = None
     freeze_batchnorm: bool = True
     autocast_dtype: torch.dtype | None = None
     class_weights: torch.Tensor | None = None
@@ -298,7 +299,9 @@ def train_classifier(
     """Train ``model`` in place; returns the per-epoch history.
 
     Runs ``plan.head_epochs`` with only the classifier learning, then
-    ``plan.epochs`` with the groups chosen by ``unfreeze``. With a
+    ``plan.epochs`` with the groups chosen by ``unfreeze``; with
+    ``plan.stop_after``, only that many epochs in all run, on the schedule
+    of the full length (what a refit on more images repeats). With a
     validation set, each epoch is scored on it and the best state seen is
     restored at the end (highest validation accuracy, ties to the lower
     validation log-loss, then to the earlier epoch); with
@@ -349,9 +352,10 @@ def train_classifier(
         plan.history.append(dict(start))
 
     stop = False
+    run = 0
     phases = [("head", 0, plan.head_epochs), ("tune", unfreeze, plan.epochs)]
     for phase, phase_unfreeze, epochs in phases:
-        if epochs <= 0 or stop:
+        if epochs <= 0 or stop or run == plan.stop_after:
             continue
         groups = select_trainable(model, classifier, phase_unfreeze)
         trainable = {n for g in groups for n in g} | {
@@ -362,6 +366,9 @@ def train_classifier(
         optimizer = torch.optim.AdamW(_param_groups(model, classifier, groups, plan), weight_decay=plan.weight_decay)
         scheduler = _schedule(optimizer, plan, max(1, len(loader)), epochs)
         for _ in range(epochs):
+            if run == plan.stop_after:
+                break
+            run += 1
             row = _train_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, trainable, plan,
                                device, amp_dtype, items, targets, phase, preprocessing)
             if validation is None:
@@ -404,7 +411,7 @@ def _train_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, trainable
 
     model.train()
     _batchnorm_to_eval(model, trainable, plan.freeze_batchnorm)
-    epoch = sum(1 for row in plan.history if row["phase"] != "probe") + 1
+    epoch = sum(1 for row in plan.history if row["phase"] in ("head", "tune")) + 1
     total_loss, correct, seen, failures = 0.0, 0, 0, []
     start = time.perf_counter()
     params = [p for p in model.parameters() if p.requires_grad]

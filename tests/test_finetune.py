@@ -110,12 +110,40 @@ def test_head_only_phase_leaves_the_backbone_alone(data):
 def test_early_stopping_records_validation_and_restores_the_best_epoch(data):
     clf = tiny(epochs=6, early_stopping=True, validation_fraction=0.25, n_iter_no_change=1,
                learning_rate=0.05, init_head="random").fit(*data)
-    assert 1 <= len(clf.history_) <= 6
-    assert all("valid_loss" in h and "valid_accuracy" in h for h in clf.history_)
-    best = [h for h in clf.history_ if h.get("best")]
-    key = [(h["valid_accuracy"], -h["valid_loss"]) for h in clf.history_]
+    chosen = [h for h in clf.history_ if h["phase"] != "refit"]
+    assert 1 <= len(chosen) <= 6
+    assert all("valid_loss" in h and "valid_accuracy" in h for h in chosen)
+    best = [h for h in chosen if h.get("best")]
+    key = [(h["valid_accuracy"], -h["valid_loss"]) for h in chosen]
     assert len(best) == 1 and (best[0]["valid_accuracy"], -best[0]["valid_loss"]) == max(key)
     assert clf.best_epoch_ == best[0]["epoch"]
+    # Then the winner trained again on every image, for as many epochs.
+    refit = [h for h in clf.history_ if h["phase"] == "refit"]
+    assert best[0]["refitted"] and [h["epoch"] for h in refit] == list(range(1, clf.best_epoch_ + 1))
+    assert not any("valid_accuracy" in h for h in refit)
+
+
+def _training_wins(monkeypatch):
+    from skltransfer import training
+
+    monkeypatch.setattr(training, "_choose", lambda candidates: candidates.get("trained"))
+
+
+def test_a_fine_tuned_winner_is_refitted_on_every_image(monkeypatch):
+    X, y = _blobs()
+    _training_wins(monkeypatch)
+    # The validation split chose epoch 1: the refit is the same training on all images, so the
+    # same model as a fit that holds nothing out.
+    clf = tiny(epochs=1, early_stopping=True, learning_rate=1e-3).fit(X, y)
+    assert clf.best_epoch_ == 1
+    assert [(h["phase"], h["epoch"]) for h in clf.history_] == [("probe", 0), ("tune", 1), ("refit", 1)]
+    assert clf.history_[1]["refitted"]
+    unsplit = tiny(epochs=1, early_stopping=False, learning_rate=1e-3).fit(X, y)
+    np.testing.assert_array_equal(clf.predict_proba(X), unsplit.predict_proba(X))
+    # refit=False keeps the state trained on the other 80 %.
+    kept = tiny(epochs=1, early_stopping=True, learning_rate=1e-3, refit=False).fit(X, y)
+    assert [h["phase"] for h in kept.history_] == ["probe", "tune"] and "refitted" not in kept.history_[1]
+    assert not np.allclose(kept.predict_proba(X), unsplit.predict_proba(X))
 
 
 def test_the_same_random_state_gives_the_same_model_on_cpu(data):
