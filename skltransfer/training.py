@@ -199,7 +199,7 @@ class TrainingPlan:
     weight_decay: float = 0.01
     schedule: str = "cosine"
     warmup_epochs: float = 1.0
-    label_smoothing: float = 0.0
+    label_smoothing: float = 0.1
     max_grad_norm: float | None = 1.0
     batch_size: int = 32
     num_workers: int = 0
