@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
 import time
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
@@ -63,56 +63,57 @@ def load_mix(clf: FineTuneClassifier, state: dict) -> None:
     forget_inference_copies(clf.model_)
 
 
-def with_split(X, y, X_dev, y_dev, seed: int) -> None:
-    caught = {}
-    choose = training._choose
+def fit_catching(X, y, module, name: str, catch, **params) -> tuple[FineTuneClassifier, float, dict]:
+    """``FineTuneClassifier(**params).fit(X, y)`` with ``module.name`` wrapped so that
+    ``catch(caught, *args)`` sees each call's arguments first. Returns the fitted estimator,
+    the fit's seconds and ``caught``."""
+    caught: dict = {}
+    original = getattr(module, name)
 
-    def catching(candidates):
-        caught.setdefault("candidates", candidates)
-        return choose(candidates)
+    def catching(*args, **kwargs):
+        catch(caught, *args)
+        return original(*args, **kwargs)
 
-    training._choose = catching
-    try:
-        clf = FineTuneClassifier(random_state=seed, refit=False)
+    clf = FineTuneClassifier(**params)
+    with mock.patch.object(module, name, catching):
         start_time = time.perf_counter()
         clf.fit(X, y)
-    finally:
-        training._choose = choose
-    print(f"seed {seed}: fit {time.perf_counter() - start_time:.0f} s, kept epoch {clf.best_epoch_}", flush=True)
+    return clf, time.perf_counter() - start_time, caught
+
+
+def with_split(X, y, X_dev, y_dev, seed: int) -> None:
+    clf, seconds, caught = fit_catching(
+        X, y, training, "_choose", lambda caught, candidates: caught.setdefault("candidates", candidates),
+        random_state=seed, refit=False,
+    )
+    print(f"seed {seed}: fit {seconds:.0f} s, kept epoch {clf.best_epoch_}", flush=True)
     candidates = caught["candidates"]
     start, tuned = candidates["start"][1], candidates["trained"][1]
     _, targets = np.unique(y, return_inverse=True)
     split_seed = int(np.random.RandomState(seed).randint(0, 2**31 - 1))  # as fit draws it
     valid = clf._validation_split(targets, split_seed)[1]
     X_valid, y_valid = [X[i] for i in valid], y[valid]
-    probe_right = None
+    probe = None
     for alpha in ALPHAS:
         load_mix(clf, mix(start, tuned, alpha))
         right = clf.predict(X_valid) == y_valid
-        probe_right = right if probe_right is None else probe_right
-        won, lost = int(np.sum(right & ~probe_right)), int(np.sum(probe_right & ~right))
-        clear = won - lost >= 2 and won - lost >= math.sqrt(won + lost)
+        probe = right if probe is None else probe
+        won, lost = int(np.sum(right & ~probe)), int(np.sum(probe & ~right))
+        # the estimator's own rule (candidates are (score, state, row, right-or-wrong per image)):
+        mixed = (None, None, None, right)
+        clear = training._choose({"start": (None, None, None, probe), "trained": mixed}) is mixed
         print(f"seed {seed}: alpha {alpha:.1f}: validation {right.mean():.3f} ({won} won, {lost} lost "
               f"against the probe: {'a clear' if clear else 'no clear'} win), dev {clf.score(X_dev, y_dev):.1%}",
               flush=True)
 
 
 def without_split(X, y, X_dev, y_dev, seed: int) -> None:
-    caught = {}
-    train = finetune.train_classifier
-
-    def catching(model, *args, **kwargs):
-        caught.setdefault("start", copy.deepcopy(model.state_dict()))
-        return train(model, *args, **kwargs)
-
-    finetune.train_classifier = catching
-    try:
-        clf = FineTuneClassifier(random_state=seed, early_stopping=False)
-        start_time = time.perf_counter()
-        clf.fit(X, y)
-    finally:
-        finetune.train_classifier = train
-    print(f"seed {seed}: fit {time.perf_counter() - start_time:.0f} s (no split)", flush=True)
+    clf, seconds, caught = fit_catching(
+        X, y, finetune, "train_classifier",
+        lambda caught, model, *_: caught.setdefault("start", copy.deepcopy(model.state_dict())),
+        random_state=seed, early_stopping=False,
+    )
+    print(f"seed {seed}: fit {seconds:.0f} s (no split)", flush=True)
     start, tuned = caught["start"], copy.deepcopy(clf.model_.state_dict())
     for alpha in ALPHAS:
         load_mix(clf, mix(start, tuned, alpha))
