@@ -1,4 +1,4 @@
-"""The ``skltransfer`` command line: train, predict, extract, cache, backbones, demo.
+"""The ``skltransfer`` command line: train, predict, export, extract, cache, backbones, demo.
 
 Thin: each command parses its arguments and calls the library
 (:mod:`skltransfer.scoring` for streaming, the estimators for the rest).
@@ -170,6 +170,7 @@ def _train(args: argparse.Namespace) -> int:
 
 #: Model files in the safe format (skltransfer.save / load: no code runs on load).
 SAFE_SUFFIX = ".skops"
+ONNX_SUFFIX = ".onnx"
 
 
 def _save_model(model, out: Path) -> None:
@@ -184,22 +185,31 @@ def _save_model(model, out: Path) -> None:
 
 
 def _load_model(path: str):
-    import joblib
-
-    from .persistence import load
 
     if not Path(path).is_file():
         raise FileNotFoundError(f"model file not found: {path}")
+    if Path(path).suffix == ONNX_SUFFIX:  # scored by ONNX Runtime: no torch needed
+        from .serving import OnnxModel
+
+        return OnnxModel(path)
     if Path(path).suffix == SAFE_SUFFIX:
+        from .persistence import load
+
         return load(path)
+    import joblib
+
     return joblib.load(path)  # a pickle: runs what it holds (the docs say: trusted files only)
 
 
 def _configure_loaded(model, args: argparse.Namespace) -> None:
     """Apply the run's flags (device, batch size, ...) to the model's feature steps."""
-    from . import PretrainedFeatures
+    from .serving import OnnxModel
 
-    from . import FineTuneClassifier
+    if isinstance(model, OnnxModel):  # its graph is fixed: only the pixel limit applies
+        if args.max_image_pixels is not None:
+            model.max_image_pixels = _max_pixels(args)
+        return
+    from . import FineTuneClassifier, PretrainedFeatures
 
     steps = getattr(model, "steps", None) or [(None, model)]
     for _, step in steps:
@@ -215,8 +225,6 @@ def _configure_loaded(model, args: argparse.Namespace) -> None:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from tqdm.auto import tqdm
-
     from .scoring import chunked, expand_image_paths, open_row_writer, prediction_columns, score_chunk
 
     model = _load_model(args.model)
@@ -227,7 +235,7 @@ def _predict(args: argparse.Namespace) -> int:
     writer = open_row_writer(args.out, prediction_columns(args.top_k))
     failed = 0
     try:
-        with tqdm(total=len(paths), disable=args.quiet or args.out is None, unit="img") as progress:
+        with _progress(len(paths), disable=args.quiet or args.out is None) as progress:
             for chunk in chunked(paths, args.chunk_size):
                 rows = score_chunk(model, chunk, top_k=args.top_k)
                 failed += sum(row["error"] is not None for row in rows)
@@ -238,6 +246,31 @@ def _predict(args: argparse.Namespace) -> int:
     if args.out is not None and not args.quiet:
         print(f"{len(paths) - failed} images scored, {failed} unreadable -> {args.out}", file=sys.stderr)
     return EXIT_SOME_IMAGES_FAILED if failed else EXIT_OK
+
+
+def _progress(total: int, disable: bool):
+    """tqdm's bar; where tqdm is not installed (a lean scoring environment), none."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        from contextlib import nullcontext
+        from types import SimpleNamespace
+
+        return nullcontext(SimpleNamespace(update=lambda n: None))
+    return tqdm(total=total, disable=disable, unit="img")
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .exporting import export
+
+    if Path(args.model).suffix == ONNX_SUFFIX:
+        raise ValueError(f"{args.model} is an ONNX file already")
+    model = _load_model(args.model)
+    path = export(model, args.out)
+    if not args.quiet:
+        print(f"{args.model} -> {path} ({path.stat().st_size / 2**20:.1f} MiB); score it with "
+              f"'skltransfer predict {path} IMAGES' or any ONNX Runtime", file=sys.stderr)
+    return EXIT_OK
 
 
 def _extract(args: argparse.Namespace) -> int:
@@ -430,16 +463,28 @@ def build_parser() -> argparse.ArgumentParser:
                        "model in chunks, with flat memory. An unreadable image becomes an error row (path,\n"
                        "reason) and the run goes on. Output: CSV on stdout, or --out FILE.csv|.jsonl|.parquet.",
                        ["skltransfer predict model.skops new_photos/ --top-k 3 --out preds.csv",
-                        "skltransfer predict model.skops a.jpg b.jpg"])
+                        "skltransfer predict model.skops a.jpg b.jpg",
+                        "skltransfer predict model.onnx new_photos/ --out preds.csv   # no torch needed"])
     predict.add_argument("model", metavar="MODEL",
-                         help="a model from train: .skops (safe: no code runs on load) or a joblib file "
-                              "(a pickle: load only files from a source you trust)")
+                         help="a model from train: .skops (safe: no code runs on load), .onnx (from export: "
+                              "scored by ONNX Runtime) or a joblib file (a pickle: load only files from a "
+                              "source you trust)")
     predict.add_argument("images", metavar="PATH", nargs="+", help="image files or folders")
     predict.add_argument("--top-k", type=int, default=1, help="ranked predictions per image")
     predict.add_argument("--out", help="predictions file (.csv, .jsonl, .parquet); default: CSV on stdout")
     predict.add_argument("--chunk-size", type=int, default=256, help="images per chunk")
     _common(predict)
     predict.set_defaults(run=_predict)
+
+    export = _command(commands, "export", "write a saved model as one ONNX file (pixels in, label out)",
+                      "Network, preprocessing and head in one ONNX graph that takes decoded RGB uint8\n"
+                      "pixels of any size: score it with 'skltransfer predict model.onnx' (needs only\n"
+                      "onnxruntime, numpy and Pillow) or any ONNX Runtime. Needs skltransfer[export].",
+                      ["skltransfer export model.skops --out model.onnx"])
+    export.add_argument("model", metavar="MODEL", help="a saved model: .skops or a joblib file (trusted)")
+    export.add_argument("--out", default="model.onnx", help="the ONNX file to write (default model.onnx)")
+    export.add_argument("--quiet", action="store_true", help="no chatter")
+    export.set_defaults(run=_export)
 
     extract = _command(commands, "extract", "write pretrained features of images to a file",
                        "Compute (or read from the cache) one feature row per image. .npy: a float32 matrix,\n"
@@ -488,15 +533,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
-    from .weights import BackboneUnavailableError, WeightsMismatchError
     from .decoding import ImageLoadError
 
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ImageLoadError, BackboneUnavailableError, WeightsMismatchError, FileNotFoundError, ValueError) as exc:
+    except (ImageLoadError, *_library_errors(), FileNotFoundError, ValueError) as exc:
         print(f"skltransfer {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
+
+
+def _library_errors() -> tuple[type[Exception], ...]:
+    """The training stack's errors, where it is installed (scoring an ONNX file needs none of it)."""
+    try:
+        from .weights import BackboneUnavailableError, WeightsMismatchError
+    except ImportError:
+        return ()
+    return BackboneUnavailableError, WeightsMismatchError
 
 
 if __name__ == "__main__":

@@ -24,6 +24,10 @@ allocation. Decoder failures are reported as reasons a person understands
 never as a decoder's source line. torchvision
 0.29 marks its decoders deprecated in favour of TorchCodec; this module is the
 only place that would change on a move.
+
+:func:`decode_rgb_array` is the same decoding with Pillow alone, into a
+``(H, W, 3)`` numpy array, for scoring where torch is not installed
+(:mod:`skltransfer.serving`); importing this module imports no torch.
 """
 
 from __future__ import annotations
@@ -37,11 +41,13 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "DEFAULT_MAX_IMAGE_PIXELS",
@@ -50,6 +56,7 @@ __all__ = [
     "ImageFailure",
     "as_image_items",
     "decode_rgb",
+    "decode_rgb_array",
     "describe_item",
     "read_item_bytes",
 ]
@@ -253,6 +260,33 @@ def decode_rgb(item: ImageItem, min_size: SizeNeeded | None = None, *,
         raise ImageLoadError([ImageFailure(0, describe_item(item), str(exc))]) from None
 
 
+def decode_rgb_array(item: ImageItem, min_size: SizeNeeded | None = None, *,
+                     max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
+    """Decode one image item into a ``(H, W, 3)`` ``uint8`` array, with Pillow alone (no torch).
+
+    The same checks, conversions, EXIF orientation and reduced JPEG decoding
+    as :func:`decode_rgb`; JPEGs decoded in full go through Pillow's
+    libjpeg-turbo instead of torchvision's.
+
+    Raises
+    ------
+    ImageLoadError
+        With a single failure naming the item and the reason.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> decode_rgb_array(np.zeros((4, 6), dtype=np.uint8)).shape
+    (4, 6, 3)
+    """
+    try:
+        return _decode_array(item, min_size, max_pixels)
+    except _BadImage as exc:
+        raise ImageLoadError([ImageFailure(0, describe_item(item), str(exc))]) from None
+    except MemoryError:
+        raise ImageLoadError([ImageFailure(0, describe_item(item), "out of memory while decoding")]) from None
+
+
 def try_decode_rgb(
     item: ImageItem, min_size: SizeNeeded | None = None, *, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
 ) -> tuple[torch.Tensor | None, str | None]:
@@ -266,12 +300,27 @@ def try_decode_rgb(
 
 
 def _decode(item: ImageItem, min_size: SizeNeeded | None, max_pixels: int | None) -> torch.Tensor:
+    pixels = _decode_array(item, min_size, max_pixels, fast_jpeg=True)
+    if isinstance(pixels, np.ndarray):
+        return _chw_tensor(pixels)
+    return pixels  # decoded by torchvision
+
+
+def _chw_tensor(rgb: np.ndarray) -> torch.Tensor:
+    import torch
+
+    return torch.from_numpy(rgb).permute(2, 0, 1).contiguous()
+
+
+def _decode_array(item: ImageItem, min_size: SizeNeeded | None, max_pixels: int | None, *,
+                  fast_jpeg: bool = False):
+    """``(H, W, 3)`` uint8 pixels; with ``fast_jpeg`` a full-size JPEG comes as torchvision's ``(3, H, W)`` tensor."""
     if isinstance(item, (str, os.PathLike)):
-        return _decode_bytes(read_item_bytes(item), min_size, max_pixels)
+        return _decode_bytes(read_item_bytes(item), min_size, max_pixels, fast_jpeg=fast_jpeg)
     if isinstance(item, (bytes, bytearray, memoryview)):
         if len(item) == 0:
             raise _BadImage("empty bytes object")
-        return _decode_bytes(bytes(item), min_size, max_pixels)
+        return _decode_bytes(bytes(item), min_size, max_pixels, fast_jpeg=fast_jpeg)
     if isinstance(item, Image.Image):
         _check_pixels(item.size[0], item.size[1], max_pixels)
         return _from_pil(item)
@@ -374,9 +423,7 @@ _TORCHVISION_FORMATS = {"JPEG", "MPO"}
 
 
 def _decode_bytes(data: bytes, min_size: SizeNeeded | None = None,
-                  max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> torch.Tensor:
-    from torchvision.io import ImageReadMode, decode_image
-
+                  max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, *, fast_jpeg: bool = False):
     img, header = _read_header(data, max_pixels)
     if header.format not in _TORCHVISION_FORMATS:
         return _load_with_pillow(img, header)
@@ -384,6 +431,15 @@ def _decode_bytes(data: bytes, min_size: SizeNeeded | None = None,
         reduced = _decode_jpeg_reduced(img, header, min_size)
         if reduced is not None:
             return reduced
+    if not fast_jpeg:
+        return _load_with_pillow(img, header)
+    return _decode_with_torchvision(data, img, header)
+
+
+def _decode_with_torchvision(data: bytes, img: Image.Image, header: _Header) -> torch.Tensor:
+    import torch
+    from torchvision.io import ImageReadMode, decode_image
+
     encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     try:
         with warnings.catch_warnings():
@@ -444,7 +500,7 @@ def _out_of_memory(header: _Header) -> str:
 _MARGIN = 2
 
 
-def _decode_jpeg_reduced(img: Image.Image, header: _Header, min_size: SizeNeeded) -> torch.Tensor | None:
+def _decode_jpeg_reduced(img: Image.Image, header: _Header, min_size: SizeNeeded) -> np.ndarray | None:
     """Decode a JPEG scaled down in its DCT when it is at least 4x the size needed, else None."""
     width, height = header.width, header.height
     transposed = header.orientation in _TRANSPOSING
@@ -458,7 +514,7 @@ def _decode_jpeg_reduced(img: Image.Image, header: _Header, min_size: SizeNeeded
     return _load_with_pillow(img, header)
 
 
-def _load_with_pillow(img: Image.Image, header: _Header) -> torch.Tensor:
+def _load_with_pillow(img: Image.Image, header: _Header) -> np.ndarray:
     """Decode an opened (header-checked) image's pixels with Pillow."""
     try:
         with img:
@@ -470,7 +526,7 @@ def _load_with_pillow(img: Image.Image, header: _Header) -> torch.Tensor:
         raise _BadImage(_out_of_memory(header)) from None
 
 
-def _from_pil(img: Image.Image) -> torch.Tensor:
+def _from_pil(img: Image.Image) -> np.ndarray:
     try:
         img = ImageOps.exif_transpose(img)
     except Exception:  # a broken EXIF block must not lose the pixels
@@ -483,10 +539,10 @@ def _from_pil(img: Image.Image) -> torch.Tensor:
         rgb = img.convert("RGB")
     except (OSError, ValueError) as exc:
         raise _BadImage(f"cannot convert {img.mode} image to RGB ({exc})") from None
-    return torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+    return np.array(rgb, dtype=np.uint8)
 
 
-def _from_array(arr: np.ndarray) -> torch.Tensor:
+def _from_array(arr: np.ndarray) -> np.ndarray:
     if arr.dtype != np.uint8:
         raise _BadImage(
             f"array dtype is {arr.dtype}; pass uint8 pixels (0-255), e.g. "
@@ -501,15 +557,14 @@ def _from_array(arr: np.ndarray) -> torch.Tensor:
         )
     if arr.shape[0] == 0 or arr.shape[1] == 0:
         raise _BadImage(f"array shape {arr.shape} has no pixels")
-    tensor = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)
-    if tensor.shape[0] == 1:
-        tensor = tensor.expand(3, -1, -1)
-    elif tensor.shape[0] == 4:
-        tensor = tensor[:3]
-    return tensor.contiguous()
+    if arr.shape[2] == 1:
+        return np.repeat(arr, 3, axis=2)
+    return np.ascontiguousarray(arr[:, :, :3])
 
 
 def _to_uint8(image: torch.Tensor) -> torch.Tensor:
+    import torch
+
     if image.dtype == torch.uint8:
         return image
     if image.dtype == torch.uint16:

@@ -15,6 +15,9 @@ called: timm's works on PIL images, one at a time, in float after
 normalisation; ours runs in DataLoader workers before batching and leaves
 normalisation to the model's device. torchvision weights map onto the same
 description.
+
+The geometry (which policy, what size) needs no torch: :mod:`skltransfer.serving`
+reads it without torch installed; torch is imported where pixels are touched.
 """
 
 from __future__ import annotations
@@ -24,11 +27,12 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import torch
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms.v2 import functional as F
+from typing import TYPE_CHECKING
 
-__all__ = ["CROP_POLICIES", "Preprocessing"]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["CROP_POLICIES", "INTERPOLATIONS", "Preprocessing", "interpolation_mode"]
 
 #: ``crop`` policies: ``"center"`` the model's own resize + centre crop;
 #: ``"none"`` resize straight to the input size (nothing cut, aspect not kept);
@@ -41,11 +45,14 @@ CROP_POLICIES = ("auto", "center", "none", "pad")
 #: ``Preprocessing._keep_what_the_crop_keeps``); no photo comes near it.
 _MAX_STRETCH = 8
 
-_INTERPOLATIONS = {
-    "nearest": InterpolationMode.NEAREST,
-    "bilinear": InterpolationMode.BILINEAR,
-    "bicubic": InterpolationMode.BICUBIC,
-}
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
+
+
+def interpolation_mode(name: str):
+    """torchvision's ``InterpolationMode`` for an interpolation name."""
+    from torchvision.transforms import InterpolationMode
+
+    return InterpolationMode(name)
 
 
 @dataclass(frozen=True)
@@ -91,7 +98,7 @@ class Preprocessing:
             raise ValueError(f"crop must be one of {CROP_POLICIES}, got {self.crop!r}")
         if self.crop_mode not in ("center", "squash", "border"):
             raise ValueError(f"unknown crop_mode {self.crop_mode!r}")
-        if self.interpolation not in _INTERPOLATIONS:
+        if self.interpolation not in INTERPOLATIONS:
             raise ValueError(f"unknown interpolation {self.interpolation!r}")
 
     @classmethod
@@ -99,7 +106,7 @@ class Preprocessing:
         """Build from a timm data config (``timm.data.resolve_model_data_config``)."""
         _, height, width = config["input_size"]
         interpolation = config.get("interpolation", "bicubic")
-        if interpolation not in _INTERPOLATIONS:  # e.g. 'random' or 'lanczos'
+        if interpolation not in INTERPOLATIONS:  # e.g. 'random' or 'lanczos'
             interpolation = "bicubic"
         return cls(
             input_size=(int(height), int(width)),
@@ -120,7 +127,7 @@ class Preprocessing:
             input_size=(crop, crop),
             crop_pct=crop / resize,
             crop_mode="center",
-            interpolation=interpolation if interpolation in _INTERPOLATIONS else "bilinear",
+            interpolation=interpolation if interpolation in INTERPOLATIONS else "bilinear",
             mean=tuple(float(m) for m in transforms.mean),
             std=tuple(float(s) for s in transforms.std),
         )
@@ -192,12 +199,14 @@ class Preprocessing:
 
     def resize_crop(self, image: torch.Tensor) -> torch.Tensor:
         """Resize and crop one ``(3, H, W)`` uint8 image to ``input_size``."""
+        from torchvision.transforms.v2 import functional as F
+
         height, width = image.shape[-2:]
         policy = self.policy(height, width)
         size = self.resized_size(height, width)
         if policy == "center":
             image, size = self._keep_what_the_crop_keeps(image, size)
-        image = F.resize(image, list(size), interpolation=_INTERPOLATIONS[self.interpolation], antialias=True)
+        image = F.resize(image, list(size), interpolation=interpolation_mode(self.interpolation), antialias=True)
         size = tuple(image.shape[-2:])
         if policy == "none":
             return image
@@ -230,6 +239,8 @@ class Preprocessing:
         return image, (out_h, out_w)
 
     def _letterbox(self, image: torch.Tensor) -> torch.Tensor:
+        import torch
+
         size = image.shape[-2:]
         top = (self.input_size[0] - size[0]) // 2
         left = (self.input_size[1] - size[1]) // 2
@@ -240,6 +251,8 @@ class Preprocessing:
 
     def normalize(self, batch: torch.Tensor) -> torch.Tensor:
         """Scale a uint8 ``(N, 3, H, W)`` batch to float and normalise it in place."""
+        import torch
+
         out = batch.float().div_(255.0)
         mean = torch.tensor(self.mean, device=out.device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=out.device).view(1, 3, 1, 1)

@@ -127,10 +127,10 @@ def training_augmentation(preprocessing: Preprocessing, preset: str = "flip", sc
         raise ValueError(f"augment must be one of {AUGMENT_PRESETS}, True, False or a callable, got {preset!r}")
     from torchvision.transforms import v2
 
-    from .preprocessing import _INTERPOLATIONS
+    from .preprocessing import interpolation_mode
 
     crop = v2.RandomResizedCrop(list(preprocessing.input_size), scale=scale,
-                                interpolation=_INTERPOLATIONS[preprocessing.interpolation], antialias=True)
+                                interpolation=interpolation_mode(preprocessing.interpolation), antialias=True)
     return v2.Compose([crop, v2.RandomHorizontalFlip()]) if preset == "flip" else crop
 
 
