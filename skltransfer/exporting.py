@@ -3,7 +3,7 @@
 One job: write a fitted :class:`~sklearn.pipeline.Pipeline` that starts with
 :class:`~skltransfer.PretrainedFeatures`, a fitted
 :class:`~skltransfer.FineTuneClassifier` or a fitted ``PretrainedFeatures``
-alone as one ONNX graph of three parts, joined with :func:`onnx.compose.merge_models`:
+alone as one ONNX graph of three parts, joined with ``onnx.compose.merge_models``:
 
 1. the preprocessing, built here node by node: the graph's input is
    ``image``, ``uint8`` RGB pixels shaped ``(N, H, W, 3)`` of any size (one
@@ -13,7 +13,7 @@ alone as one ONNX graph of three parts, joined with :func:`onnx.compose.merge_mo
    :meth:`~skltransfer.preprocessing.Preprocessing.normalize` do
    (ONNX ``Resize`` with ``antialias=1``, opset 18: torch's antialiased
    resize, within one grey level on 0.5 % of the pixels);
-2. the network, exported by :func:`torch.onnx.export` (the inference copy
+2. the network, exported by ``torch.onnx.export`` (the inference copy
    with BatchNorm folded, as the library runs it);
 3. the head: the pipeline's scikit-learn steps converted by ``skl2onnx``
    (preferring plain ONNX operators over ``ai.onnx.ml`` ones where skl2onnx
