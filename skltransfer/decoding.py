@@ -254,24 +254,27 @@ def decode_rgb(item: ImageItem, min_size: SizeNeeded | None = None, *,
     >>> decode_rgb(np.zeros((4, 6), dtype=np.uint8)).shape
     torch.Size([3, 4, 6])
     """
+    return _or_load_error(item, _decode, min_size, max_pixels)
+
+
+def _or_load_error(item: ImageItem, decode: Callable, min_size, max_pixels):
+    """``decode(item, ...)``, a failure raised as an :class:`ImageLoadError` naming the item."""
     try:
-        return _decode(item, min_size, max_pixels)
+        return decode(item, min_size, max_pixels)
     except _BadImage as exc:
-        raise ImageLoadError([ImageFailure(0, describe_item(item), str(exc))]) from None
+        reason = str(exc)
+    except MemoryError:
+        reason = "out of memory while decoding"
+    raise ImageLoadError([ImageFailure(0, describe_item(item), reason)])
 
 
 def decode_rgb_array(item: ImageItem, min_size: SizeNeeded | None = None, *,
                      max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
     """Decode one image item into a ``(H, W, 3)`` ``uint8`` array, with Pillow alone (no torch).
 
-    The same checks, conversions, EXIF orientation and reduced JPEG decoding
-    as :func:`decode_rgb`; JPEGs decoded in full go through Pillow's
-    libjpeg-turbo instead of torchvision's.
-
-    Raises
-    ------
-    ImageLoadError
-        With a single failure naming the item and the reason.
+    The same checks, conversions, EXIF orientation, reduced JPEG decoding
+    and errors (:class:`ImageLoadError`) as :func:`decode_rgb`; JPEGs decoded
+    in full go through Pillow's libjpeg-turbo instead of torchvision's.
 
     Examples
     --------
@@ -279,12 +282,7 @@ def decode_rgb_array(item: ImageItem, min_size: SizeNeeded | None = None, *,
     >>> decode_rgb_array(np.zeros((4, 6), dtype=np.uint8)).shape
     (4, 6, 3)
     """
-    try:
-        return _decode_array(item, min_size, max_pixels)
-    except _BadImage as exc:
-        raise ImageLoadError([ImageFailure(0, describe_item(item), str(exc))]) from None
-    except MemoryError:
-        raise ImageLoadError([ImageFailure(0, describe_item(item), "out of memory while decoding")]) from None
+    return _or_load_error(item, _decode_array, min_size, max_pixels)
 
 
 def try_decode_rgb(
