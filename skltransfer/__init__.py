@@ -30,6 +30,7 @@ _WHERE = {
     "ImageLoadError": "decoding",
     "OnnxModel": "serving",
     "PretrainedFeatures": "features",
+    "SharedCacheWarning": "cache",
     "UnsafeModelError": "persistence",
     "WeightsMismatchError": "weights",
     "clear_shared_backbones": "registry",

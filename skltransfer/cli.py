@@ -15,6 +15,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 __all__ = ["main"]
 
@@ -88,7 +89,7 @@ def _demo_finetune(args: argparse.Namespace, train_paths, test_paths, y_train, y
 
     start = time.perf_counter()
     clf = FineTuneClassifier(args.backbone, device=args.device, engine=args.engine or "auto", random_state=0,
-                             verbose=not args.quiet).fit(train_paths, y_train)
+                             cache=_cache_choice(args), verbose=not args.quiet).fit(train_paths, y_train)
     accuracy = clf.score(test_paths, y_test)
     kept = {None: "no validation split: every epoch ran", 0: "kept the frozen pipeline"}.get(
         clf.best_epoch_, f"kept fine-tuning epoch {clf.best_epoch_}")
@@ -114,8 +115,13 @@ def _features(args: argparse.Namespace, backbone: str | None = None):
         num_workers=args.workers,
         max_image_pixels=_max_pixels(args),
         verbose=not args.quiet,
-        cache=None if args.no_cache else (args.cache_dir or "auto"),
+        cache=_cache_choice(args),
     )
+
+
+def _cache_choice(args: argparse.Namespace, default: Any = "auto") -> Any:
+    """``cache=`` from ``--cache`` / ``--no-cache`` (a folder or an fsspec URL; default: the model's own)."""
+    return None if getattr(args, "no_cache", False) else (getattr(args, "cache", None) or default)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -146,7 +152,7 @@ def _train(args: argparse.Namespace) -> int:
             backbone=args.backbone, weights=_weights(args), unfreeze=unfreeze, epochs=args.epochs, head_epochs=args.head_epochs,
             batch_size=args.batch_size, device=args.device, precision=args.precision or "auto",
             num_workers=0 if args.workers == "auto" else args.workers, max_image_pixels=_max_pixels(args),
-            engine=args.engine or "auto", random_state=0, verbose=not args.quiet,
+            engine=args.engine or "auto", cache=_cache_choice(args), random_state=0, verbose=not args.quiet,
         )
     else:
         model = make_pipeline(_features(args), StandardScaler(), heads[args.head]())
@@ -216,7 +222,9 @@ def _configure_loaded(model, args: argparse.Namespace) -> None:
         if isinstance(step, PretrainedFeatures):
             step.set_params(device=args.device, batch_size=args.batch_size, num_workers=args.workers,
                             precision=args.precision or step.precision, engine=args.engine or step.engine,
-                            verbose=False, cache=None if args.no_cache else (args.cache_dir or step.cache))
+                            verbose=False, cache=_cache_choice(args, step.cache))
+        if isinstance(step, FineTuneClassifier):
+            step.set_params(cache=_cache_choice(args, step.cache))
         if isinstance(step, (PretrainedFeatures, FineTuneClassifier)):
             if args.max_image_pixels is not None:
                 step.set_params(max_image_pixels=_max_pixels(args))
@@ -330,10 +338,13 @@ def _extract(args: argparse.Namespace) -> int:
 def _cache(args: argparse.Namespace) -> int:
     from .cache import FeatureCache
 
-    store = FeatureCache(args.cache_dir)
+    store = FeatureCache(args.cache)
     if args.action == "clear":
-        store.clear()
+        store.clear(shared=args.shared)
         print(f"cleared {store.path}")
+        if store.shared_url is not None:
+            print(f"cleared {store.info()['shared']['url']}" if args.shared
+                  else f"kept the shared store {store.info()['shared']['url']} (--shared clears it too)")
         return EXIT_OK
     info = store.info()
     print(f"path:           {info['path']}")
@@ -342,6 +353,15 @@ def _cache(args: argparse.Namespace) -> int:
     print(f"on disk:        {info['disk_bytes']:,} bytes")
     print(f"indexed paths:  {info['indexed_paths']:,}")
     print(f"engine models:  {info['engine_models']} converted ({info['engine_bytes']:,} bytes)")
+    shared = info.get("shared")
+    if shared is not None:
+        print(f"shared store:   {shared['url']}")
+        if "error" in shared:
+            print(f"  unreachable:  {shared['error']}")
+        else:
+            print(f"  rows:         {shared['rows']:,} in {shared['objects']:,} objects "
+                  f"({shared['configurations']} feature configurations, {shared['bytes']:,} bytes)")
+        print(f"  to upload:    {info['unshared']:,} local rows the store does not have yet")
     return EXIT_OK
 
 
@@ -405,10 +425,17 @@ def _common(parser: argparse.ArgumentParser) -> None:
                             "else torch; predict: the model's own)")
     group.add_argument("--workers", type=_workers, default="auto",
                        help="image decoding processes (default auto: none on the CPU, one per spare core on CUDA)")
-    group.add_argument("--cache-dir", help="feature cache folder (default: $SKLTRANSFER_CACHE_DIR "
-                       "or ~/.cache/skltransfer)")
+    _cache_option(group)
     group.add_argument("--no-cache", action="store_true", help="neither read nor write the feature cache")
     group.add_argument("--quiet", action="store_true", help="no progress bars or chatter")
+
+
+def _cache_option(parser) -> None:
+    parser.add_argument("--cache", "--cache-dir", dest="cache", metavar="FOLDER_OR_URL",
+                        help="feature cache: a folder, or an fsspec URL every machine shares (s3://bucket/prefix, "
+                             "gs://..., file:///mnt/shared/...) in front of which the default folder keeps a local "
+                             "copy (default: $SKLTRANSFER_CACHE_DIR or ~/.cache/skltransfer, shared through "
+                             "$SKLTRANSFER_CACHE_URL if set)")
 
 
 def _command(commands, name: str, summary: str, description: str, examples: list[str]):
@@ -500,10 +527,14 @@ def build_parser() -> argparse.ArgumentParser:
     extract.set_defaults(run=_extract)
 
     cache = _command(commands, "cache", "show or clear the feature cache",
-                     "info: where the cache is, how many entries and bytes. clear: delete everything.",
-                     ["skltransfer cache info", "skltransfer cache clear --cache-dir /scratch/features"])
+                     "info: where the cache is (the local folder, and the shared store if there is one), how\n"
+                     "many entries and bytes, how many rows wait to be uploaded. clear: delete the local cache;\n"
+                     "with --shared, the shared store's rows too (every machine's).",
+                     ["skltransfer cache info", "skltransfer cache info --cache s3://team-bucket/features",
+                      "skltransfer cache clear --cache /scratch/features"])
     cache.add_argument("action", choices=["info", "clear"])
-    cache.add_argument("--cache-dir", help="default: $SKLTRANSFER_CACHE_DIR or ~/.cache/skltransfer")
+    _cache_option(cache)
+    cache.add_argument("--shared", action="store_true", help="clear: also delete the shared store's rows")
     cache.set_defaults(run=_cache)
 
     backbones = _command(commands, "backbones", "list backbones whose weights are on this machine",

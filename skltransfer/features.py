@@ -21,7 +21,7 @@ from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
 from .backbones import Backbone
-from .cache import CacheInfo, FeatureCache, cached_features, feature_config_id
+from .cache import CacheInfo, FeatureCache, as_feature_cache, cached_features, feature_config_id
 from .decoding import DEFAULT_MAX_IMAGE_PIXELS, ImageLoadError, as_image_items
 from .engines import ENGINES, resolve_engine
 from .inference import (
@@ -130,13 +130,17 @@ class PretrainedFeatures(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
         (only for trusted images).
     verbose : bool, default=False
         Show a progress bar during ``transform``.
-    cache : "auto", path, FeatureCache or None, default="auto"
+    cache : "auto", path, URL, FeatureCache or None, default="auto"
         Where computed features are kept so that no image goes through the
-        same backbone twice, across folds, processes and runs. ``"auto"``:
-        ``$SKLTRANSFER_CACHE_DIR`` if set, else ``~/.cache/skltransfer``. A
-        path: that folder. A :class:`~skltransfer.FeatureCache`: its folder
-        and size limit. ``None``: no cache. Entries are keyed by image
-        content and feature configuration, never by file name or object.
+        same backbone twice, across folds, processes, runs and (with a
+        shared store) machines. ``"auto"``: the folder
+        ``$SKLTRANSFER_CACHE_DIR`` if set, else ``~/.cache/skltransfer``,
+        in front of the store ``$SKLTRANSFER_CACHE_URL`` if that is set. A
+        path: that folder. An fsspec URL (``"s3://bucket/prefix"``): that
+        store, shared by every machine, behind the default folder. A
+        :class:`~skltransfer.FeatureCache`: its folder, store and size
+        limit. ``None``: no cache. Entries are keyed by image content and
+        feature configuration, never by file name or object.
 
     Attributes
     ----------
@@ -278,7 +282,7 @@ class PretrainedFeatures(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
         device = resolve_device(self.device)
         precision = resolve_precision(self.precision, device)
         engine = self._engine(device, precision)
-        store = self._feature_cache()
+        store = as_feature_cache(self.cache)
         backbone = self._backbone(device, engine, precision, store)
         run = dict(
             batch_size=resolve_batch_size(self.batch_size, device, backbone.preprocessing.input_size),
@@ -309,13 +313,6 @@ class PretrainedFeatures(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
 
     def _engine(self, device: torch.device, precision: str) -> str:
         return resolve_engine(self.engine, device, precision, user_module=isinstance(self.backbone, nn.Module))
-
-    def _feature_cache(self) -> FeatureCache | None:
-        if self.cache is None:
-            return None
-        if isinstance(self.cache, FeatureCache):
-            return self.cache
-        return FeatureCache(None if self.cache == "auto" else self.cache)
 
     def _feature_config(self, backbone: Backbone, precision: str) -> dict:
         """Everything that changes the numbers: the cache's configuration key.

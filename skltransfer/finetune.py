@@ -26,7 +26,7 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, column_or_1d
 
 from .backbones import build_classifier_architecture, load_classifier
-from .cache import default_cache_dir
+from .cache import FeatureCache, as_feature_cache
 from .decoding import DEFAULT_MAX_IMAGE_PIXELS, ImageLoadError, as_image_items
 from .engines import ENGINES, native_bfloat16, resolve_engine
 from .features import PretrainedFeatures
@@ -174,6 +174,11 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
         ``"auto"`` is OpenVINO on the CPU (the fine-tuned model converted on
         the first prediction, the conversion kept in the feature cache's
         folder for the next process), torch on CUDA.
+    cache : "auto", path, URL, FeatureCache or None, default="auto"
+        The feature cache (as for :class:`~skltransfer.PretrainedFeatures`)
+        that holds the probe's frozen features, so a second fit on the same
+        images computes none, and the engine's conversion of the fine-tuned
+        model. ``None``: neither is kept.
     warm_start : bool, default=False
         Continue training the fitted model on a new ``fit`` instead of
         starting over (no probe then).
@@ -250,6 +255,7 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
         "num_workers": [Interval(Integral, 0, None, closed="left")],
         "max_image_pixels": [Interval(Integral, 1, None, closed="left"), None],
         "engine": [StrOptions(set(ENGINES))],
+        "cache": [StrOptions({"auto"}), str, os.PathLike, FeatureCache, None],
         "warm_start": ["boolean"],
         "random_state": ["random_state"],
         "verbose": ["boolean"],
@@ -287,6 +293,7 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
         num_workers: int = 0,
         max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
         engine: str = "auto",
+        cache: str | os.PathLike | FeatureCache | None = "auto",
         warm_start: bool = False,
         random_state: Any = None,
         verbose: bool = False,
@@ -320,6 +327,7 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
         self.num_workers = num_workers
         self.max_image_pixels = max_image_pixels
         self.engine = engine
+        self.cache = cache
         self.warm_start = warm_start
         self.random_state = random_state
         self.verbose = verbose
@@ -456,6 +464,7 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
         extractor = PretrainedFeatures(
             self.backbone, weights=self.weights, crop=self.crop, device=self.device, engine=self.engine,
             num_workers=self.num_workers, max_image_pixels=self.max_image_pixels, precision="float32",
+            cache=self.cache,
         )
         width = model.get_submodule(classifier).in_features
         features = extractor.fit_transform(items)
@@ -535,8 +544,9 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
         engine = resolve_engine(self.engine, device)
         # A copy with BatchNorm folded into the convolutions (compiled by the
         # engine), made once per fitted model, device and engine.
+        store = as_feature_cache(self.cache)
         model = inference_copy(self.model_, device, engine=engine, preprocessing=self.preprocessing_,
-                               engine_dir=default_cache_dir() / "engines", tta=self.tta)
+                               engine_dir=None if store is None else store.engine_directory, tta=self.tta)
         batch_size = resolve_batch_size(self.batch_size, device, self.preprocessing_.input_size)
         logits, failures = extract_features(model, self.preprocessing_, items, batch_size=batch_size, device=device,
                                             num_workers=self.num_workers, max_image_pixels=self.max_image_pixels,
@@ -563,6 +573,7 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
         digest = state.pop("_model_digest", None)
         state.setdefault("engine", "auto")  # pickled before these parameters existed
         state.setdefault("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS)
+        state.setdefault("cache", "auto")
         for name, before in (("init_head", "random"), ("crop", "center"), ("tta", None),  # what they did then
                              ("freeze_batchnorm", False), ("precision", "auto")):
             state.setdefault(name, before)

@@ -25,8 +25,9 @@ def image_folder(tmp_path: Path) -> Path:
 
 @pytest.fixture(autouse=True)
 def _private_feature_cache(tmp_path, monkeypatch):
-    """cache="auto" writes into this test's own folder, never the user's home."""
+    """cache="auto" writes into this test's own folder, never the user's home, and shares with no store."""
     monkeypatch.setenv("SKLTRANSFER_CACHE_DIR", str(tmp_path / "feature-cache"))
+    monkeypatch.delenv("SKLTRANSFER_CACHE_URL", raising=False)
 
 
 @pytest.fixture(autouse=True)

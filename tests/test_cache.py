@@ -300,3 +300,28 @@ def test_four_processes_share_one_cache_without_errors_or_lost_entries(many_imag
     final = json.loads(subprocess.run(_worker(script, cache_dir, paths_file, 0), capture_output=True,
                                       text=True, check=True).stdout)
     assert final == {"hits": len(paths), "misses": 0, "sum": results[0]["sum"]}
+
+
+def test_identical_images_in_one_call_are_computed_once(image_folder, tmp_path, monkeypatch):
+    from skltransfer import features as features_module
+
+    paths, _ = load_image_folder(image_folder)
+    copy = tmp_path / "copy-of-first.jpg"
+    shutil.copy(paths[0], copy)
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not an image")
+    broken_twin = tmp_path / "broken-twin.jpg"
+    broken_twin.write_bytes(b"not an image")
+    computed = []
+    original = features_module.extract_features
+    monkeypatch.setattr(features_module, "extract_features",
+                        lambda model, prep, items, **kw: (computed.extend(items), original(model, prep, items, **kw))[1])
+    f = cached(tmp_path / "c").fit(paths)
+    items = [paths[0], paths[1], str(copy), str(broken), str(broken_twin)]
+    with pytest.raises(ImageLoadError) as raised:
+        f.transform(items)
+    assert computed == [paths[0], paths[1], str(broken)]  # each content once
+    assert [failure.index for failure in raised.value.failures] == [3, 4]  # both broken files are named
+    assert "broken-twin.jpg" in str(raised.value)
+    np.testing.assert_array_equal(raised.value.rows[2], raised.value.rows[0])
+    np.testing.assert_array_equal(raised.value.rows[:3], cached(None).fit(paths).transform(items[:3]))

@@ -13,6 +13,7 @@ import torch
 
 from skltransfer import FineTuneClassifier, PretrainedFeatures, clear_shared_backbones, load_image_folder
 from skltransfer import engines
+from skltransfer.cache import as_feature_cache
 from skltransfer.decoding import decode_rgb
 from skltransfer.engines import EngineFallbackWarning, native_bfloat16, resolve_engine
 
@@ -90,7 +91,7 @@ def test_the_conversion_is_kept_next_to_the_cache_and_reused(image_folder, tmp_p
 
     monkeypatch.setattr(engines, "_convert", no_conversion)
     again = _features("openvino", tmp_path / "c").fit(paths)
-    backbone = again._backbone(CPU, "openvino", "float32", again._feature_cache())
+    backbone = again._backbone(CPU, "openvino", "float32", as_feature_cache(again.cache))
     assert backbone.engine == "openvino"
     pixels = torch.stack([backbone.preprocessing.resize_crop(decode_rgb(p)) for p in paths])
     np.testing.assert_allclose(backbone.model(pixels), first, rtol=1e-5, atol=1e-7)
@@ -105,7 +106,7 @@ def test_a_damaged_saved_conversion_is_converted_again(image_folder, tmp_path, m
     engines._CONVERTED.clear()
     again = _features("openvino", None).fit(paths)
     again.set_params(cache=tmp_path / "c")
-    backbone = again._backbone(CPU, "openvino", "float32", again._feature_cache())
+    backbone = again._backbone(CPU, "openvino", "float32", as_feature_cache(again.cache))
     assert backbone.engine == "openvino"
     rows = backbone.model(torch.zeros(2, 3, 160, 160, dtype=torch.uint8))
     assert rows.shape == (2, reference.shape[1])
@@ -134,10 +135,11 @@ def test_a_new_process_reads_the_saved_conversion(image_folder, tmp_path):
     _features("openvino", tmp_path / "c").fit_transform(paths)
     script = (
         "import sys, torch\n"
-        "from skltransfer import engines, PretrainedFeatures, FeatureCache\n"
+        "from skltransfer import engines, PretrainedFeatures\n"
+        "from skltransfer.cache import as_feature_cache\n"
         "engines._convert = lambda *a, **k: sys.exit('converted again')\n"
         f"f = PretrainedFeatures({TINY!r}, weights=None, engine='openvino', cache=sys.argv[1]).fit([b'x'])\n"
-        "b = f._backbone(torch.device('cpu'), 'openvino', 'float32', f._feature_cache())\n"
+        "b = f._backbone(torch.device('cpu'), 'openvino', 'float32', as_feature_cache(f.cache))\n"
         "assert b.engine == 'openvino'\n"
     )
     done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "c")], capture_output=True, text=True)
