@@ -35,8 +35,8 @@ from skltransfer import PretrainedFeatures, load_image_folder
 from skltransfer.backbones import load_backbone
 from skltransfer.registry import shared_backbone
 from skltransfer.decoding import decode_rgb
-from skltransfer.engines import native_bfloat16
-from skltransfer.inference import PRECISIONS, _Done, _forward_within_memory, resolve_batch_size, tune_allocator
+from skltransfer.inference import _Done, _forward_within_memory
+from skltransfer.runtime import PRECISIONS, native_bfloat16, resolve_batch_size, tune_allocator
 
 warnings.filterwarnings("ignore", category=UserWarning)
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

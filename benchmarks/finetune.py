@@ -34,7 +34,8 @@ from sklearn.pipeline import make_pipeline
 
 from skltransfer import FineTuneClassifier, PretrainedFeatures, load_image_folder, stable_train_test_split
 from skltransfer.backbones import load_classifier
-from skltransfer.inference import extract_features, image_batches, resolve_batch_size
+from skltransfer.inference import extract_features, image_batches
+from skltransfer.runtime import resolve_batch_size
 from skltransfer.training import _batchnorm_to_eval, training_augmentation
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -34,7 +34,6 @@ from _machine import cpu_model
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 
-import skltransfer.finetune as finetune
 import skltransfer.training as training
 from skltransfer import FineTuneClassifier, PretrainedFeatures, load_image_folder, stable_train_test_split
 from skltransfer.registry import forget_inference_copies
@@ -109,7 +108,7 @@ def with_split(X, y, X_dev, y_dev, seed: int) -> None:
 
 def without_split(X, y, X_dev, y_dev, seed: int) -> None:
     clf, seconds, caught = fit_catching(
-        X, y, finetune, "train_classifier",
+        X, y, training, "train_classifier",
         lambda caught, model, *_: caught.setdefault("start", copy.deepcopy(model.state_dict())),
         random_state=seed, early_stopping=False,
     )

@@ -30,7 +30,7 @@ from PIL import Image
 
 from skltransfer import PretrainedFeatures, load_image_folder
 from skltransfer.datasets import DatasetUnavailableError, fetch_hymenoptera
-from skltransfer.engines import native_bfloat16
+from skltransfer.runtime import native_bfloat16
 
 
 parser = argparse.ArgumentParser()

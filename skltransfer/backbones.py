@@ -33,29 +33,28 @@ from .pooling import (
     POOLINGS,
     TIMM_POOLINGS,
     TTA_MODES,
-    _feature_groups,
-    _FlipAveraged,
-    _LayerFeatures,
-    _output_width,
-    _PooledModule,
+    feature_groups,
+    FlipAveraged,
+    LayerFeatures,
+    output_width,
+    PooledModule,
 )
 from .preprocessing import Preprocessing
 from .weights import (
+    TORCHVISION_PREFIX,
     WeightsSpec,
-    _download_timm,
-    _load_paired_in_order,
-    _load_state,
-    _packaged_weights_file,
-    _read_state_dict,
-    _unavailable,
+    download_timm,
+    load_paired_in_order,
+    load_state,
+    packaged_weights_file,
+    read_state_dict,
+    unavailable_error,
     weights_digest,
 )
 
-__all__ = ["Backbone", "TORCHVISION_PREFIX", "build_classifier_architecture", "load_backbone", "load_classifier"]
+__all__ = ["Backbone", "build_classifier_architecture", "load_backbone", "load_classifier"]
 
 BackboneSpec = Union[str, nn.Module]
-
-TORCHVISION_PREFIX = "torchvision:"
 
 
 @dataclass(frozen=True)
@@ -144,7 +143,7 @@ def load_backbone(
         if layers != "final":
             raise ValueError("layers needs a timm backbone; a module backbone gives its own output")
         # A copy: the user's module (an estimator parameter) must not change.
-        model = _PooledModule(copy.deepcopy(backbone), pooling)
+        model = PooledModule(copy.deepcopy(backbone), pooling)
         name = type(backbone).__name__
         preprocessing = _timm_preprocessing(backbone)
     elif isinstance(backbone, str) and backbone.startswith(TORCHVISION_PREFIX):
@@ -163,11 +162,11 @@ def load_backbone(
             f"nn.Module, got {type(backbone).__name__}"
         )
     if tta == "flip":
-        model = _FlipAveraged(model)
+        model = FlipAveraged(model)
     # channels_last: 2-3x faster convolutions on CPU (oneDNN) and on CUDA tensor cores.
     model.eval().requires_grad_(False).to(memory_format=torch.channels_last)
-    num_features = _output_width(model, preprocessing)
-    groups = _feature_groups(model, preprocessing) or (("final", num_features),)
+    num_features = output_width(model, preprocessing)
+    groups = feature_groups(model, preprocessing) or (("final", num_features),)
     return Backbone(name, model, preprocessing, num_features, weights_digest(model), groups)
 
 
@@ -198,12 +197,10 @@ def load_classifier(
     if backbone.startswith(TORCHVISION_PREFIX):
         model, preprocessing = _build_torchvision(backbone[len(TORCHVISION_PREFIX):], weights, "avg", True)
         classifier = _last_linear_name(model)
-        parent_name, _, attr = classifier.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        old = getattr(parent, attr)
+        old = model.get_submodule(classifier)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            setattr(parent, attr, nn.Linear(old.in_features, num_classes))
+            model.set_submodule(classifier, nn.Linear(old.in_features, num_classes))
     else:
         model, preprocessing = _build_timm(backbone, weights, "avg", True)
         with torch.random.fork_rng(devices=[]):
@@ -234,18 +231,18 @@ def _build_timm(
             f"Unknown backbone {name!r}: not a timm model name.{hint} "
             f"torchvision models are named '{TORCHVISION_PREFIX}<name>'."
         )
-    packaged = _packaged_weights_file(name) if weights == "pretrained" else None
+    packaged = packaged_weights_file(name) if weights == "pretrained" else None
     if weights == "pretrained" and packaged is None:
-        model = _download_timm(name)
+        model = download_timm(name)
     else:
         model = _seeded(lambda: timm.create_model(name, pretrained=False))
         if packaged is not None:
             state = torch.load(packaged, map_location="cpu", weights_only=True)
-            _load_paired_in_order(model, state, packaged)
+            load_paired_in_order(model, state, packaged)
         elif weights is not None:
             classifier = model.pretrained_cfg.get("classifier") or "classifier"
             prefixes = (classifier,) if isinstance(classifier, str) else tuple(classifier)
-            _load_state(model, _read_state_dict(weights), weights, prefixes, with_classifier)
+            load_state(model, read_state_dict(weights), weights, prefixes, with_classifier)
     preprocessing = _timm_preprocessing(model)
     if with_classifier:
         return model, preprocessing
@@ -258,7 +255,7 @@ def _build_timm(
     if not hasattr(model, "forward_intermediates"):
         raise ValueError(f"backbone {name!r} has no forward_intermediates: layers and 'gem' need it")
     model.reset_classifier(0)
-    return _LayerFeatures(model, layers, pooling), preprocessing
+    return LayerFeatures(model, layers, pooling), preprocessing
 
 
 def _timm_preprocessing(model: nn.Module) -> Preprocessing:
@@ -291,14 +288,12 @@ def _build_torchvision(
         try:
             state = default_weights.get_state_dict(progress=False, check_hash=True)
         except Exception as exc:
-            raise _unavailable(TORCHVISION_PREFIX + name, exc) from exc
+            raise unavailable_error(TORCHVISION_PREFIX + name, exc) from exc
         model.load_state_dict(state)
     elif weights is not None:
-        _load_state(model, _read_state_dict(weights), weights, (classifier,), with_classifier)
+        load_state(model, read_state_dict(weights), weights, (classifier,), with_classifier)
     if not with_classifier:
-        parent_name, _, attr = classifier.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, nn.Identity())
+        model.set_submodule(classifier, nn.Identity())
     return model, Preprocessing.from_torchvision_transforms(default_weights.transforms())
 
 

@@ -60,7 +60,7 @@ from .objectstore import ObjectStore, check_no_credentials, is_url, public_url, 
 
 __all__ = [
     "CacheInfo", "FeatureCache", "SharedCacheWarning", "as_feature_cache", "cached_features", "content_keys", "default_cache_dir",
-    "feature_config_id",
+    "feature_config_id", "user_cache_home",
 ]
 
 CACHE_DIR_ENV = "SKLTRANSFER_CACHE_DIR"
@@ -97,12 +97,17 @@ CREATE TABLE IF NOT EXISTS unshared (
 """
 
 
-def default_cache_dir() -> Path:
-    """``$SKLTRANSFER_CACHE_DIR``, else ``$XDG_CACHE_HOME/skltransfer``, else ``~/.cache/skltransfer``."""
-    if os.environ.get(CACHE_DIR_ENV):
-        return Path(os.environ[CACHE_DIR_ENV]).expanduser()
+def user_cache_home() -> Path:
+    """The library's folder in the user's cache: ``$XDG_CACHE_HOME/skltransfer``, else ``~/.cache/skltransfer``."""
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "skltransfer"
+
+
+def default_cache_dir() -> Path:
+    """``$SKLTRANSFER_CACHE_DIR``, else :func:`user_cache_home` (``~/.cache/skltransfer``)."""
+    if os.environ.get(CACHE_DIR_ENV):
+        return Path(os.environ[CACHE_DIR_ENV]).expanduser()
+    return user_cache_home()
 
 
 def as_feature_cache(cache: str | os.PathLike | FeatureCache | None) -> FeatureCache | None:
@@ -650,21 +655,13 @@ def _chunks(values: list, size: int = _CHUNK):
 def file_lock(path: str | os.PathLike) -> Iterator[None]:
     """An exclusive OS file lock on ``path`` (created with its folder); the kernel releases it if we die.
 
-    Without POSIX locks (Windows) it does not lock: the work it guards is
-    then done twice at worst, never wrongly.
+    ``filelock.FileLock``: ``flock`` on POSIX, ``msvcrt`` locking on Windows.
     """
-    try:
-        import fcntl
-    except ImportError:
-        yield
-        return
+    from filelock import FileLock
+
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+b") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+    with FileLock(os.fspath(path)):
+        yield
 
 
 #: ``compute(items, keep)``: the rows of ``items``, calling ``keep(positions, rows)`` after

@@ -279,8 +279,9 @@ def data_home(folder: str | os.PathLike | None = None) -> Path:
         return Path(folder).expanduser()
     if os.environ.get(DATA_HOME_ENV):
         return Path(os.environ[DATA_HOME_ENV]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "skltransfer" / "datasets"
+    from .cache import user_cache_home
+
+    return user_cache_home() / "datasets"
 
 
 def fetch_hymenoptera(folder: str | os.PathLike | None = None, *, download: bool = True,

@@ -43,6 +43,7 @@ from torch import nn
 
 from .cache import file_lock
 from .preprocessing import Preprocessing
+from .runtime import check_precision_runs_here
 
 __all__ = [
     "ENGINES",
@@ -50,7 +51,6 @@ __all__ = [
     "OpenVINOModel",
     "compile_openvino",
     "compile_openvino_or_warn",
-    "native_bfloat16",
     "openvino_available",
     "resolve_engine",
 ]
@@ -75,31 +75,6 @@ def openvino_available() -> bool:
     except Exception:  # ImportError, or a broken binary install
         return False
     return True
-
-
-@functools.lru_cache(maxsize=1)
-def native_bfloat16() -> bool:
-    """Whether this CPU computes bfloat16 natively (AVX-512 BF16 or AMX).
-
-    Without it, bfloat16 is emulated and many times slower than float32, so
-    ``precision="bfloat16"`` is refused on the CPU.
-    """
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool({"avx512_bf16", "amx_bf16"} & flags)
-    except OSError:
-        pass
-    if openvino_available():  # other systems: ask OpenVINO's CPU plugin
-        try:
-            import openvino as ov
-
-            return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
-        except Exception:
-            return False
-    return False
 
 
 def resolve_engine(engine: str, device: torch.device, precision: str = "float32", *,
@@ -139,12 +114,7 @@ def resolve_engine(engine: str, device: torch.device, precision: str = "float32"
     """
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
-    if device.type == "cpu" and precision == "bfloat16" and not native_bfloat16():
-        raise ValueError(
-            "precision='bfloat16' needs a CPU with native bfloat16 (AVX-512 BF16 or AMX); "
-            "this one emulates it, many times slower than float32. Use precision='float32' "
-            "(the CPU default), or a GPU."
-        )
+    check_precision_runs_here(precision, device)
     if engine == "auto":
         usable = (device.type == "cpu" and not user_module and precision in ENGINE_PRECISIONS["openvino"]
                   and openvino_available())

@@ -340,7 +340,7 @@ def _plan_pad(g: _Nodes, p, height: str, width: str) -> dict[str, str]:
 
 
 def _plan_center(g: _Nodes, p, height: str, width: str) -> dict[str, str]:
-    from .preprocessing import _MAX_STRETCH
+    from .preprocessing import MAX_STRETCH
 
     scale_h, scale_w = p.scale_size
     crop_h, crop_w = p.input_size
@@ -358,9 +358,9 @@ def _plan_center(g: _Nodes, p, height: str, width: str) -> dict[str, str]:
         portrait = g.op("LessOrEqual", height, width)
         rh = g.where(portrait, g.int(scale_h), longer)
         rw = g.where(portrait, longer, g.int(scale_h))
-    # Preprocessing._keep_what_the_crop_keeps: past _MAX_STRETCH times the crop, resize only the middle
-    top, keep_h, rh = _keep_middle(g, height, h, rh, crop_h, _MAX_STRETCH)
-    left, keep_w, rw = _keep_middle(g, width, w, rw, crop_w, _MAX_STRETCH)
+    # Preprocessing._keep_what_the_crop_keeps: past MAX_STRETCH times the crop, resize only the middle
+    top, keep_h, rh = _keep_middle(g, height, h, rh, crop_h, MAX_STRETCH)
+    left, keep_w, rw = _keep_middle(g, width, w, rw, crop_w, MAX_STRETCH)
     plan = dict(top=top, left=left, keep_h=keep_h, keep_w=keep_w, resize_h=rh, resize_w=rw)
     if p.crop_mode == "border":  # centre crop to at most the input size, then letterbox
         ch, cw = g.op("Min", rh, g.int(crop_h)), g.op("Min", rw, g.int(crop_w))

@@ -24,18 +24,11 @@ from .backbones import Backbone
 from .cache import CacheInfo, FeatureCache, as_feature_cache, cached_features, feature_config_id
 from .decoding import DEFAULT_MAX_IMAGE_PIXELS, ImageLoadError, as_image_items
 from .engines import ENGINES, resolve_engine
-from .inference import (
-    PRECISIONS,
-    all_cores,
-    extract_features,
-    resolve_batch_size,
-    resolve_device,
-    resolve_num_workers,
-    resolve_precision,
-)
+from .inference import extract_features
 from .pooling import POOLINGS
 from .preprocessing import CROP_POLICIES
 from .registry import shared_backbone
+from .runtime import PRECISIONS, all_cores, resolve_batch_size, resolve_device, resolve_num_workers, resolve_precision
 from .weights import WeightsMismatchError
 
 __all__ = ["PretrainedFeatures"]
@@ -310,6 +303,18 @@ class PretrainedFeatures(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
             features, self.cache_info_ = cached_features(store, config, items, backbone.num_features, compute)
         self.cache_info_.seconds = time.perf_counter() - start
         return features
+
+    def from_logits(self, rows: np.ndarray, method: str = "transform") -> np.ndarray:
+        """What ``transform`` returns for rows computed already: the rows themselves.
+
+        The hook :mod:`skltransfer.scoring` asks a model's image stage (as
+        ``FineTuneClassifier.from_logits``):
+        the good rows of an :class:`~skltransfer.ImageLoadError` are handed
+        on to the rest of a pipeline.
+        """
+        if method != "transform":
+            raise ValueError(f"PretrainedFeatures computes 'transform', not {method!r}")
+        return rows
 
     def _engine(self, device: torch.device, precision: str) -> str:
         return resolve_engine(self.engine, device, precision, user_module=isinstance(self.backbone, nn.Module))

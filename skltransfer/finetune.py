@@ -2,14 +2,12 @@
 
 The estimator validates its parameters, encodes labels, splits off a
 validation set, and calls the stages: :func:`~skltransfer.backbones.load_classifier`
-for the model, :func:`~skltransfer.training.train_classifier` for the
-optimisation, :func:`~skltransfer.inference.extract_features` for predictions.
+for the model, :func:`~skltransfer.training.fine_tune` for the
+protocol (probe, train, choose, refit), :func:`~skltransfer.inference.extract_features` for predictions.
 """
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import os
 import warnings
 from numbers import Integral, Real
@@ -28,19 +26,13 @@ from sklearn.utils.validation import check_is_fitted, column_or_1d
 from .backbones import build_classifier_architecture, load_classifier
 from .cache import FeatureCache, as_feature_cache
 from .decoding import DEFAULT_MAX_IMAGE_PIXELS, ImageLoadError, as_image_items
-from .engines import ENGINES, native_bfloat16, resolve_engine
+from .engines import ENGINES, resolve_engine
 from .features import PretrainedFeatures
+from .inference import extract_features
 from .preprocessing import CROP_POLICIES
 from .registry import forget_inference_copies, inference_copy
-from .inference import PRECISIONS, extract_features, resolve_batch_size, resolve_device, resolve_precision
-from .training import (
-    AUGMENT_PRESETS,
-    TrainingPlan,
-    linear_probe,
-    set_linear_head,
-    train_classifier,
-    training_augmentation,
-)
+from .runtime import PRECISIONS, resolve_batch_size, resolve_device
+from .training import AUGMENT_PRESETS, TrainingPlan, fine_tune, training_augmentation
 from .weights import weights_digest
 
 __all__ = ["FineTuneClassifier"]
@@ -360,84 +352,31 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
         if continuing and not np.array_equal(classes, self.classes_):
             raise ValueError(f"warm_start: the classes changed from {self.classes_.tolist()} to {classes.tolist()}")
         device = resolve_device(self.device)
-        autocast_dtype = self._autocast_dtype(device)
-        rng = check_random_state(self.random_state)
-        seed = int(rng.randint(0, 2**31 - 1))
-        weights = None
-        if self.class_weight is not None:
-            weights = torch.tensor(
-                compute_class_weight(self.class_weight, classes=classes, y=y), dtype=torch.float32
-            )
-
+        seed = int(check_random_state(self.random_state).randint(0, 2**31 - 1))
+        weights = None if self.class_weight is None else torch.tensor(
+            compute_class_weight(self.class_weight, classes=classes, y=y), dtype=torch.float32)
         split = self._validation_split(targets, seed)
-        train_idx = split[0] if split is not None else np.arange(len(items))
-        validation = None if split is None else ([items[i] for i in split[1]], targets[split[1]])
-        train_items, train_targets = [items[i] for i in train_idx], targets[train_idx]
-
+        plan = TrainingPlan.from_estimator(self, device, seed=seed, class_weights=weights, validated=split is not None)
         if continuing:
             model, preprocessing, classifier = self.model_, self.preprocessing_, self.classifier_
             model.requires_grad_(True)
         else:
             model, preprocessing, classifier = load_classifier(self.backbone, self.weights, len(classes), seed=seed)
             preprocessing = preprocessing.with_crop(self.crop)
-        start, features = None, None
+        features = None
         if self.init_head == "probe" and not continuing:
             features = self._frozen_features(items, model, classifier)
-        if features is not None:
-            probe = linear_probe(features[train_idx], train_targets, len(classes), class_weight=self.class_weight)
-            start = {"epoch": 0, "phase": "probe", "train_loss": float("nan"),
-                     "train_accuracy": float(probe.score(features[train_idx], train_targets)),
-                     "learning_rate": 0.0, "images_per_second": float("nan")}
-
-        plan = TrainingPlan(
-            epochs=self.epochs, head_epochs=self.head_epochs, learning_rate=self.learning_rate,
-            backbone_lr_ratio=self.backbone_lr_ratio, layer_decay=self.layer_decay,
-            weight_decay=self.weight_decay, schedule=self.schedule, warmup_epochs=self.warmup_epochs,
-            label_smoothing=self.label_smoothing, max_grad_norm=self.max_grad_norm,
-            batch_size=self._train_batch_size(device), num_workers=self.num_workers,
-            max_image_pixels=self.max_image_pixels,
-            n_iter_no_change=self.n_iter_no_change if validation is not None else None,
-            freeze_batchnorm=self.freeze_batchnorm, autocast_dtype=autocast_dtype,
-            class_weights=weights, verbose=self.verbose, seed=seed,
-            history=list(self.history_) if continuing else [],
-        )
-        # What a refit on every image starts from: the weights before the probe and training.
-        initial = copy.deepcopy(model.state_dict()) if split is not None and self.refit else None
-        trained_before = sum(1 for row in plan.history if row["phase"] in ("head", "tune"))
-        if features is not None:
-            set_linear_head(model, classifier, probe)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            history = train_classifier(model, classifier, self.unfreeze, train_items, train_targets,
-                                       preprocessing, self._augmentation(preprocessing), plan, device,
-                                       validation, start=start)
-        best = next((row for row in reversed(history) if row.get("best")), None) if validation is not None else None
-        if best is not None and best["phase"] == "probe" and split is not None:
-            # The frozen pipeline won: the probe refitted on every image, as the README's pipeline is.
-            set_linear_head(model, classifier, linear_probe(features, targets, len(classes),
-                                                            class_weight=self.class_weight))
-            best["refitted"] = True
-        elif best is not None and initial is not None:
-            # Training won: the same training again on every image, for as many epochs as the kept state had.
-            model.load_state_dict(initial)
-            if features is not None:
-                set_linear_head(model, classifier, linear_probe(features, targets, len(classes),
-                                                                class_weight=self.class_weight))
-            refit = dataclasses.replace(plan, history=[], n_iter_no_change=None,
-                                        stop_after=int(best["epoch"]) - trained_before)
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                train_classifier(model, classifier, self.unfreeze, items, targets, preprocessing,
-                                 self._augmentation(preprocessing), refit, device)
-            history += [{**row, "phase": "refit"} for row in refit.history]
-            best["refitted"] = True
+        outcome = fine_tune(model, classifier, self.unfreeze, items, targets, preprocessing,
+                            self._augmentation(preprocessing), plan, device, split=split, features=features,
+                            class_weight=self.class_weight, refit=self.refit,
+                            history=self.history_ if continuing else ())
         self.model_ = model.to("cpu") if device.type != "cpu" else model
         forget_inference_copies(self.model_)  # warm_start trained the same module further
         self.preprocessing_ = preprocessing
         self.classifier_ = classifier
         self.classes_ = classes
-        self.history_ = history
-        self.best_epoch_ = None if best is None else int(best["epoch"])
+        self.history_ = outcome.history
+        self.best_epoch_ = None if outcome.best is None else int(outcome.best["epoch"])
         self.n_trainable_parameters_ = sum(p.numel() for p in model.parameters())
         return self
 
@@ -484,29 +423,6 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
         elif augment is False:
             augment = "none"
         return training_augmentation(preprocessing, augment) if isinstance(augment, str) else augment
-
-    def _autocast_dtype(self, device: torch.device) -> torch.dtype | None:
-        """The training autocast dtype for ``precision`` (None: float32).
-
-        ``"auto"`` resolves as for features on CUDA (:func:`~skltransfer.inference.resolve_precision`)
-        and to float32 on the CPU, where bfloat16 autocast measured no faster for training.
-        """
-        if self.precision == "auto" and device.type != "cuda":
-            return None
-        precision = resolve_precision(self.precision, device)
-        if precision == "float32":
-            return None
-        if device.type == "cpu" and (precision == "float16" or not native_bfloat16()):
-            raise ValueError(
-                f"precision={precision!r} training on this CPU: float16 is for GPUs, and bfloat16 needs a CPU "
-                "with native bfloat16 (AVX-512 BF16 or AMX); use 'auto' or 'float32'"
-            )
-        return {"bfloat16": torch.bfloat16, "float16": torch.float16}[precision]
-
-    def _train_batch_size(self, device: torch.device) -> int:
-        if self.batch_size == "auto":
-            return 64 if device.type == "cuda" else 32
-        return int(self.batch_size)
 
     # -- predicting -------------------------------------------------------------------
 

@@ -96,8 +96,7 @@ def _fold_traceable(module: nn.Module) -> int:
         # empty_like keeps the weight's dtype, device and memory format (channels_last).
         conv.weight = nn.Parameter(torch.empty_like(conv.weight).copy_(weight), requires_grad=False)
         conv.bias = nn.Parameter(bias.to(conv.weight.dtype), requires_grad=False)
-        parent_name, _, attr = node.target.rpartition(".")
-        setattr(module.get_submodule(parent_name) if parent_name else module, attr, remainder)
+        module.set_submodule(node.target, remainder)
         folded += 1
     return folded
 

@@ -17,11 +17,8 @@ extraction, fine-tuning, validation and prediction all read images through it.
 from __future__ import annotations
 
 import collections
-import ctypes
-import os
-import platform
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -31,180 +28,9 @@ from torch.utils.data import DataLoader, Dataset
 from .decoding import DEFAULT_MAX_IMAGE_PIXELS, ImageFailure, ImageItem, SizeNeeded, describe_item, try_decode_rgb
 from .engines import OpenVINOModel
 from .preprocessing import Preprocessing
+from .runtime import PRECISIONS, one_torch_thread, tune_allocator
 
-__all__ = [
-    "PRECISIONS",
-    "all_cores",
-    "extract_features",
-    "image_batches",
-    "resolve_batch_size",
-    "resolve_device",
-    "resolve_num_workers",
-    "resolve_precision",
-]
-
-#: ``batch_size="auto"`` on CUDA: large batches keep the GPU busy.
-AUTO_CUDA_BATCH_SIZE = 64
-#: ``batch_size="auto"`` on CPU: images per batch = this many pixels / image
-#: pixels (6 at 224 x 224). Small batches keep activations in the CPU's
-#: caches and the allocator's reused memory: EfficientNet-Lite0 on 2 cores
-#: runs 126-142 images/s at batch 4-6, 105 at 8-16, 80 at 32.
-AUTO_CPU_PIXELS = 6 * 224 * 224
-AUTO_CPU_MAX_BATCH = 16
-
-
-def resolve_batch_size(
-    batch_size: int | str, device: torch.device, input_size: tuple[int, int] = (224, 224)
-) -> int:
-    """``"auto"`` picks a batch size for the device and input size; an int is returned as is.
-
-    Examples
-    --------
-    >>> resolve_batch_size("auto", torch.device("cpu"))
-    6
-    >>> resolve_batch_size("auto", torch.device("cpu"), (320, 320))
-    2
-    >>> resolve_batch_size(32, torch.device("cpu"))
-    32
-    """
-    if batch_size != "auto":
-        return int(batch_size)
-    if device.type == "cuda":
-        return AUTO_CUDA_BATCH_SIZE
-    height, width = input_size
-    return max(1, min(AUTO_CPU_MAX_BATCH, AUTO_CPU_PIXELS // (height * width)))
-
-
-def resolve_num_workers(num_workers: int | str, device: torch.device) -> int:
-    """``"auto"``: no decoding processes on the CPU, one per spare core (at most 8) on CUDA.
-
-    On the CPU the model already uses every core: EfficientNet-Lite0 from
-    JPEGs on 2 cores with OpenVINO ran 177 images/s decoding in-process,
-    152 with one worker and 151 with two (``benchmarks/extract.py``). On
-    CUDA the model runs on the GPU, and decoding on the CPU's cores keeps it
-    fed (not measured here: no GPU). An int is returned as is.
-
-    Examples
-    --------
-    >>> resolve_num_workers("auto", torch.device("cpu"))
-    0
-    >>> resolve_num_workers(3, torch.device("cpu"))
-    3
-    """
-    if num_workers != "auto":
-        return int(num_workers)
-    if device.type != "cuda":
-        return 0
-    return max(1, min(8, available_cores() - 1))
-
-
-_ALLOCATOR_TUNED = False
-TUNING_ENV = "SKLTRANSFER_MALLOC_TUNING"
-
-
-def tune_allocator() -> bool:
-    """Keep freed activation memory in glibc's heap (once per process, CPU path).
-
-    With glibc's defaults every forward pass maps, faults in and unmaps its
-    large activations: on 2 cores, EfficientNet-Lite0 at batch 8 spends about
-    a third of its time in the kernel and runs ~50 instead of ~80 images/s.
-    Raising the mmap threshold to its maximum (32 MB) and the trim threshold
-    to 256 MB keeps those buffers in the heap for reuse. The cost: up to
-    256 MB of freed memory stays with the process. ``SKLTRANSFER_MALLOC_TUNING=0``
-    turns it off. Returns whether the settings were applied.
-    """
-    global _ALLOCATOR_TUNED
-    if _ALLOCATOR_TUNED:
-        return True
-    if os.environ.get(TUNING_ENV, "1") == "0":
-        return False
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
-        ok = libc.mallopt(m_mmap_threshold, 32 * 1024 * 1024) == 1
-        ok &= libc.mallopt(m_trim_threshold, 256 * 1024 * 1024) == 1
-    except (OSError, AttributeError):
-        return False
-    _ALLOCATOR_TUNED = bool(ok)
-    return _ALLOCATOR_TUNED
-
-
-def available_cores() -> int:
-    """CPU cores this process may run on."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
-@contextmanager
-def all_cores() -> Iterator[None]:
-    """Let torch use every available core for a while, then restore its setting.
-
-    For a process that knows the others are waiting for it: joblib's loky
-    workers start with ``cores // n_jobs`` threads each, which leaves cores
-    idle while one worker computes features the others wait for.
-    """
-    before = torch.get_num_threads()
-    wanted = available_cores()
-    if wanted > before:
-        torch.set_num_threads(wanted)
-    try:
-        yield
-    finally:
-        if torch.get_num_threads() != before:
-            torch.set_num_threads(before)
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``"auto"`` is CUDA when available, else CPU; anything else is checked.
-
-    Examples
-    --------
-    >>> resolve_device("cpu")
-    device(type='cpu')
-    """
-    if isinstance(device, torch.device):
-        resolved = device
-    elif device == "auto":
-        resolved = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        try:
-            resolved = torch.device(device)
-        except (RuntimeError, TypeError):
-            raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r} was asked for, but CUDA is not available here")
-    return resolved
-
-
-#: Precisions a forward pass can run in: float32, or autocast to a 16-bit type.
-PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``"auto"``: float32 on CPU; on CUDA bfloat16 where supported, else float16.
-
-    16-bit autocast doubles CUDA tensor-core throughput and halves activation
-    memory; on CPUs without native bfloat16 it is many times slower, so CPU
-    stays in float32 unless asked.
-
-    Examples
-    --------
-    >>> resolve_precision("auto", torch.device("cpu"))
-    'float32'
-    >>> resolve_precision("bfloat16", torch.device("cpu"))
-    'bfloat16'
-    """
-    if precision == "auto":
-        if device.type != "cuda":
-            return "float32"
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be 'auto' or one of {sorted(PRECISIONS)}, got {precision!r}")
-    return precision
-
+__all__ = ["extract_features", "image_batches"]
 
 class _Images(Dataset):
     """Item ``i`` -> ``(i, uint8 (3, H, W) or None, failure reason or None)``."""
@@ -371,17 +197,6 @@ def extract_features(
         while in_flight:
             collect()
     return (out[0] if out else np.empty((len(items), width or 0), dtype=np.float32)), failures
-
-
-@contextmanager
-def one_torch_thread() -> Iterator[None]:
-    """Run torch's own operations (resizing) on one thread for a while."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 class _Done:

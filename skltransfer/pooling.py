@@ -14,7 +14,8 @@ from torch import nn
 
 from .preprocessing import Preprocessing
 
-__all__ = ["POOLINGS", "TIMM_POOLINGS", "TTA_MODES", "pool_map"]
+__all__ = ["FlipAveraged", "LayerFeatures", "POOLINGS", "PooledModule", "TIMM_POOLINGS", "TTA_MODES", "feature_groups",
+           "output_width", "pool_map"]
 
 TIMM_POOLINGS = ("avg", "max", "avgmax", "catavgmax")
 #: All poolings: timm's, plus ``"gem"`` (generalised mean, p = 3).
@@ -39,7 +40,7 @@ def pool_map(x: torch.Tensor, pooling: str) -> torch.Tensor:
     raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
 
 
-class _PooledModule(nn.Module):
+class PooledModule(nn.Module):
     """Runs a user's module and pools a 4-D output into one row per image."""
 
     def __init__(self, module: nn.Module, pooling: str):
@@ -56,7 +57,7 @@ class _PooledModule(nn.Module):
         return out.flatten(1)
 
 
-class _LayerFeatures(nn.Module):
+class LayerFeatures(nn.Module):
     """Pools and concatenates stage outputs and the final map of a timm model."""
 
     def __init__(self, model: nn.Module, layers, pooling: str):
@@ -91,7 +92,7 @@ class _LayerFeatures(nn.Module):
         return tuple((name, pool_map(m, self.pooling).shape[1]) for name, m in self.feature_maps(x))
 
 
-class _FlipAveraged(nn.Module):
+class FlipAveraged(nn.Module):
     """Test-time augmentation: the mean of the features of an image and its mirror."""
 
     def __init__(self, model: nn.Module):
@@ -102,16 +103,16 @@ class _FlipAveraged(nn.Module):
         return 0.5 * (self.model(x) + self.model(torch.flip(x, dims=[3])))
 
 
-def _feature_groups(model: nn.Module, preprocessing: Preprocessing) -> tuple:
-    inner = model.model if isinstance(model, _FlipAveraged) else model
-    if not isinstance(inner, _LayerFeatures):
+def feature_groups(model: nn.Module, preprocessing: Preprocessing) -> tuple:
+    inner = model.model if isinstance(model, FlipAveraged) else model
+    if not isinstance(inner, LayerFeatures):
         return ()
     height, width = preprocessing.input_size
     with torch.inference_mode():
         return inner.groups(torch.zeros(1, 3, height, width))
 
 
-def _output_width(model: nn.Module, preprocessing: Preprocessing) -> int:
+def output_width(model: nn.Module, preprocessing: Preprocessing) -> int:
     height, width = preprocessing.input_size
     with torch.inference_mode():
         out = model(torch.zeros(1, 3, height, width))

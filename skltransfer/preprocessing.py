@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["CROP_POLICIES", "INTERPOLATIONS", "Preprocessing", "interpolation_mode"]
+__all__ = ["CROP_POLICIES", "INTERPOLATIONS", "MAX_STRETCH", "Preprocessing", "interpolation_mode"]
 
 #: ``crop`` policies: ``"center"`` the model's own resize + centre crop;
 #: ``"none"`` resize straight to the input size (nothing cut, aspect not kept);
@@ -43,7 +43,7 @@ CROP_POLICIES = ("auto", "center", "none", "pad")
 
 #: Resized sides longer than this many times the crop are cut before resizing (see
 #: ``Preprocessing._keep_what_the_crop_keeps``); no photo comes near it.
-_MAX_STRETCH = 8
+MAX_STRETCH = 8
 
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
 
@@ -221,18 +221,18 @@ class Preprocessing:
         """For an extreme aspect ratio, resize only the middle of the long side that the crop keeps.
 
         A 1 x 60,000 strip resized short side first would become 256 x 15 million pixels (12 GB)
-        before the centre crop kept 224 of them. Past ``_MAX_STRETCH`` times the crop, the source
+        before the centre crop kept 224 of them. Past ``MAX_STRETCH`` times the crop, the source
         is cut to the part that maps onto twice the crop (a wide margin for the resampling
         filter) and that part is resized at the same scale. Ordinary images are not touched.
         """
         height, width = image.shape[-2:]
         out_h, out_w = size
         crop_h, crop_w = self.input_size
-        if out_h > _MAX_STRETCH * crop_h:
+        if out_h > MAX_STRETCH * crop_h:
             keep = max(1, math.ceil(2 * crop_h * height / out_h))
             top = (height - keep) // 2
             image, out_h = image[:, top : top + keep], 2 * crop_h
-        if out_w > _MAX_STRETCH * crop_w:
+        if out_w > MAX_STRETCH * crop_w:
             keep = max(1, math.ceil(2 * crop_w * width / out_w))
             left = (width - keep) // 2
             image, out_w = image[:, :, left : left + keep], 2 * crop_w

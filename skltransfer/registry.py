@@ -26,7 +26,7 @@ from torch import nn
 
 from .backbones import Backbone, BackboneSpec, load_backbone
 from .fusion import fold_batchnorm
-from .pooling import _FlipAveraged
+from .pooling import FlipAveraged
 from .weights import WeightsSpec, weights_digest
 
 __all__ = ["clear_shared_backbones", "forget_inference_copies", "inference_copy", "shared_backbone"]
@@ -231,7 +231,7 @@ def _torch_copy(model: nn.Module, device, tta: str | None, copies: dict) -> nn.M
     if key not in copies:
         fast = copy.deepcopy(model).eval().requires_grad_(False)
         fold_batchnorm(fast)
-        copies[key] = (_FlipAveraged(fast) if tta == "flip" else fast).to(device)
+        copies[key] = (FlipAveraged(fast) if tta == "flip" else fast).to(device)
     return copies[key]
 
 

@@ -94,22 +94,17 @@ def _guarded(model: Any, method: str, paths: Sequence[str]):
 def _after_the_images(model: Any, method: str):
     """What ``model.<method>`` does with the rows its image stage computed, or None if unknown.
 
-    A model that says so itself (``from_logits(rows, method)``: a fine-tuned
-    classifier, an exported ONNX model) is asked; pipelines of features are
-    recognised. The estimators are imported only for those, so that scoring
-    an ONNX file needs no torch.
+    The model says so itself (``from_logits(rows, method)``: a fine-tuned
+    classifier, an exported ONNX model, ``PretrainedFeatures``); a pipeline
+    whose first step says so hands the rows to the rest. No estimator is
+    imported here, so that scoring an ONNX file needs no torch.
     """
     if hasattr(model, "from_logits"):
         return lambda rows: model.from_logits(rows, method)
-    from sklearn.pipeline import Pipeline
-
-    from .features import PretrainedFeatures
-
-    if isinstance(model, PretrainedFeatures) and method == "transform":
-        return lambda rows: rows
-    if isinstance(model, Pipeline) and isinstance(model.steps[0][1], PretrainedFeatures):
-        if len(model.steps) == 1:
-            return _after_the_images(model.steps[0][1], method)
+    steps = getattr(model, "steps", None)
+    if steps and hasattr(steps[0][1], "from_logits"):
+        if len(steps) == 1:
+            return _after_the_images(steps[0][1], method)
         return lambda rows: getattr(model[1:], method)(rows)
     return None
 

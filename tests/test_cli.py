@@ -129,7 +129,7 @@ def test_predict_applies_the_precision_flag_and_otherwise_keeps_the_models(train
     assert model[0].precision == "auto"
     _configure_loaded(model, build_parser().parse_args(["predict", str(trained_model), "x", "--precision", "bfloat16"]))
     assert model[0].precision == "bfloat16"
-    from skltransfer.engines import native_bfloat16
+    from skltransfer.runtime import native_bfloat16
 
     out = tmp_path / "p.csv"
     # Refused (exit 1, saying why) on CPUs that would emulate bfloat16.

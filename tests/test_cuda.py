@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from skltransfer import PretrainedFeatures, load_image_folder
-from skltransfer.inference import resolve_batch_size, resolve_precision
+from skltransfer.runtime import resolve_batch_size, resolve_precision
 
 from _support import TINY
 

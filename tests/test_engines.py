@@ -15,7 +15,9 @@ from skltransfer import FineTuneClassifier, PretrainedFeatures, clear_shared_bac
 from skltransfer import engines
 from skltransfer.cache import as_feature_cache
 from skltransfer.decoding import decode_rgb
-from skltransfer.engines import EngineFallbackWarning, native_bfloat16, resolve_engine
+from skltransfer import runtime
+from skltransfer.engines import EngineFallbackWarning, resolve_engine
+from skltransfer.runtime import native_bfloat16
 
 from _support import TINY
 
@@ -59,7 +61,7 @@ def test_impossible_engine_requests_are_refused_with_the_way_out(monkeypatch):
         resolve_engine("openvino", torch.device("cuda"))
     with pytest.raises(ValueError, match="float32 or bfloat16"):
         resolve_engine("openvino", CPU, "float16")
-    monkeypatch.setattr(engines, "native_bfloat16", lambda: False)
+    monkeypatch.setattr(runtime, "native_bfloat16", lambda: False)
     with pytest.raises(ValueError, match="native bfloat16.*precision='float32'"):
         resolve_engine("auto", CPU, "bfloat16")
 

@@ -204,7 +204,7 @@ def test_empty_input_is_refused(image_folder):
 
 
 def test_allocator_tuning_can_be_turned_off(monkeypatch):
-    from skltransfer import inference
+    from skltransfer import runtime as inference
 
     monkeypatch.setattr(inference, "_ALLOCATOR_TUNED", False)
     monkeypatch.setenv(inference.TUNING_ENV, "0")

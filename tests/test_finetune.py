@@ -21,6 +21,8 @@ from _support import TINY
 from skltransfer import FineTuneClassifier, ImageLoadError, load_image_folder
 from skltransfer.training import layer_groups
 
+CPU = torch.device("cpu")
+
 
 def tiny(**params) -> FineTuneClassifier:
     defaults = {"backbone": TINY, "weights": None, "epochs": 1, "random_state": 0, "batch_size": 8}
@@ -280,7 +282,8 @@ def test_biases_and_norm_weights_are_not_decayed():
 
     model, _, classifier = load_classifier(TINY, None, 3)
     groups = layer_groups(model, classifier)
-    param_groups = _param_groups(model, classifier, groups, TrainingPlan(weight_decay=0.05))
+    param_groups = _param_groups(model, classifier, groups,
+                                 TrainingPlan.from_estimator(FineTuneClassifier(weight_decay=0.05), CPU))
     names = {id(p): n for n, p in model.named_parameters()}
     for group in param_groups:
         for p in group["params"]:
@@ -296,7 +299,8 @@ def test_warmup_then_schedule_keeps_each_groups_own_peak_rate(schedule):
 
     head, stage = nn.Parameter(torch.zeros(1)), nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.AdamW([{"params": [head], "lr": 1e-3}, {"params": [stage], "lr": 1e-4}])
-    scheduler = _schedule(optimizer, TrainingPlan(schedule=schedule, warmup_epochs=1.0), steps_per_epoch=4, epochs=3)
+    plan = TrainingPlan.from_estimator(FineTuneClassifier(schedule=schedule, warmup_epochs=1.0), CPU)
+    scheduler = _schedule(optimizer, plan, steps_per_epoch=4, epochs=3)
     rates = []
     for _ in range(12):
         rates.append([g["lr"] for g in optimizer.param_groups])
@@ -420,7 +424,8 @@ def test_stopping_waits_for_training_to_stop_improving_not_for_it_to_pass_the_pr
     monkeypatch.setattr(training, "evaluate", fake_evaluate)
     X, y = _blobs(24)
     model, pre, head = load_classifier(TINY, None, 2)
-    plan = training.TrainingPlan(epochs=5, n_iter_no_change=1, batch_size=8, warmup_epochs=0)
+    plan = training.TrainingPlan.from_estimator(
+        FineTuneClassifier(epochs=5, n_iter_no_change=1, batch_size=8, warmup_epochs=0), CPU)
     targets = (y == "b").astype(int)
     history = training.train_classifier(model, head, "all", list(X), targets, pre, None, plan, torch.device("cpu"),
                                         validation=(list(X[:4]), targets[:4]), start={"epoch": 0, "phase": "probe"})

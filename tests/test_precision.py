@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from skltransfer import PretrainedFeatures, load_image_folder
-from skltransfer.engines import native_bfloat16
+from skltransfer.runtime import native_bfloat16
 
 from _support import TINY
 
@@ -55,9 +55,9 @@ def test_a_model_pickled_before_the_precision_parameter_runs_in_float32(image_fo
 
 
 def test_bfloat16_on_a_cpu_without_it_is_refused_at_fit_saying_why(image_folder, monkeypatch):
-    from skltransfer import engines
+    from skltransfer import runtime
 
-    monkeypatch.setattr(engines, "native_bfloat16", lambda: False)
+    monkeypatch.setattr(runtime, "native_bfloat16", lambda: False)
     paths, _ = load_image_folder(image_folder)
     with pytest.raises(ValueError, match="native bfloat16"):
         PretrainedFeatures(TINY, weights=None, precision="bfloat16", device="cpu").fit(paths)

@@ -12,7 +12,8 @@ level or inside a function (a deferred import is still a dependency):
   makes a name private in its module but public in practice;
 * **layers**: the longest import chain once circles are merged.
 
-Usage: ``python tools/module_graph.py [--json]``.
+Usage: ``python tools/module_graph.py [--package DIR] [--json]`` (default: this
+checkout's ``skltransfer/``; another checkout's to compare).
 """
 
 from __future__ import annotations
@@ -57,11 +58,11 @@ def imports(path: Path) -> list[tuple[str, list[str], bool]]:
     return found
 
 
-def graph() -> tuple[dict[str, set[str]], list[tuple[str, str, str]]]:
-    modules = {p.stem for p in PACKAGE.glob("*.py")}
+def graph(package: Path = PACKAGE) -> tuple[dict[str, set[str]], list[tuple[str, str, str]]]:
+    modules = {p.stem for p in package.glob("*.py")}
     edges: dict[str, set[str]] = {m: set() for m in modules}
     private = []
-    for path in sorted(PACKAGE.glob("*.py")):
+    for path in sorted(package.glob("*.py")):
         for target, names, _ in imports(path):
             if target not in modules or target == path.stem:
                 continue
@@ -124,9 +125,10 @@ def layers(edges: dict[str, set[str]], groups: list[list[str]]) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--package", type=Path, default=PACKAGE, help="the package folder to read")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    edges, private = graph()
+    edges, private = graph(args.package)
     groups = circles(edges)
     summary = {
         "modules": len(edges),
