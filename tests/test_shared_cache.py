@@ -240,9 +240,10 @@ def test_finetune_keeps_its_probe_features_where_the_user_said(image_folder, tmp
     paths, labels = load_image_folder(image_folder)
     clf = FineTuneClassifier(TINY, weights=None, epochs=1, batch_size=8, early_stopping=False, engine="torch",
                              cache=tmp_path / "mine", random_state=0).fit(paths, labels)
-    assert FeatureCache(tmp_path / "mine").info()["entries"] == len(paths)
-    assert FeatureCache().info()["entries"] == 0  # the default folder received nothing
-    clf.set_params(cache=None).predict(paths[:2])
+    clf.set_params(engine="openvino").predict(paths[:2])  # converts the fine-tuned model, keeps the conversion
+    mine, default = FeatureCache(tmp_path / "mine").info(), FeatureCache().info()
+    assert (mine["entries"], mine["engine_models"]) == (len(paths), 1)
+    assert (default["entries"], default["engine_models"]) == (0, 0)  # the default folder received nothing
 
 
 def test_cli_cache_info_shows_both_tiers(image_folder, tmp_path):
