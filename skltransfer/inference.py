@@ -155,9 +155,9 @@ def extract_features(
 
     device = torch.device(device)
     dtype = PRECISIONS[precision]
-    if device.type == "cpu":
-        tune_allocator()
     compiled = not isinstance(model, nn.Module)
+    if device.type == "cpu" and not compiled:  # torch's activations; an engine allocates its own
+        tune_allocator()
     loader = image_batches(
         items, preprocessing.resize_crop, batch_size=batch_size,
         # JPEGs 4x larger than the resize needs are decoded reduced, never below twice that.

@@ -14,8 +14,9 @@ from torch import nn
 
 from .preprocessing import Preprocessing
 
-__all__ = ["FlipAveraged", "LayerFeatures", "POOLINGS", "PooledModule", "TIMM_POOLINGS", "TTA_MODES", "feature_groups",
-           "output_width", "pool_map"]
+# The rest (PooledModule, LayerFeatures, FlipAveraged, feature_groups, output_width) is public to the
+# package's other modules (backbones, registry) but not documented API.
+__all__ = ["POOLINGS", "TIMM_POOLINGS", "TTA_MODES", "pool_map"]
 
 TIMM_POOLINGS = ("avg", "max", "avgmax", "catavgmax")
 #: All poolings: timm's, plus ``"gem"`` (generalised mean, p = 3).

@@ -14,8 +14,12 @@ Process-wide settings the library changes, all of them:
   (a process the others wait for uses every core) and
   :func:`one_torch_thread` (torch's own resizing beside an engine that has
   its threads);
-* glibc's malloc thresholds, once per process on the CPU path
-  (:func:`tune_allocator`; ``SKLTRANSFER_MALLOC_TUNING=0`` turns it off);
+* glibc's malloc thresholds, once per process, the first time torch
+  computes on the CPU (extraction with ``engine="torch"``, fine-tuning):
+  :func:`tune_allocator`, where the measured gain is; work that OpenVINO
+  computes (the CPU's default engine, which allocates its own memory and
+  measured no faster tuned) leaves them alone. ``SKLTRANSFER_MALLOC_TUNING=0``
+  turns it off;
 * Pillow's ``Image.MAX_IMAGE_PIXELS``, lifted for one header read under a
   lock when an image is over Pillow's limit but within ours, then restored:
   in :mod:`skltransfer.decoding`, which imports no torch (scoring an ONNX

@@ -28,6 +28,7 @@ from torch import nn
 from .decoding import DEFAULT_MAX_IMAGE_PIXELS, ImageFailure, ImageLoadError, describe_item
 from .inference import extract_features, image_batches
 from .preprocessing import Preprocessing
+from .runtime import tune_allocator
 
 __all__ = [
     "AUGMENT_PRESETS", "FineTuning", "TrainingPlan", "fine_tune", "layer_groups", "linear_probe", "select_trainable",
@@ -426,6 +427,8 @@ def train_classifier(
         max_image_pixels=plan.max_image_pixels, num_workers=plan.num_workers,
         pin_memory=device.type == "cuda", drop_last=len(items) > plan.batch_size,
     )
+    if device.type == "cpu":
+        tune_allocator()  # torch's activations and gradients, every step
     weights = plan.class_weights.to(device) if plan.class_weights is not None else None
     loss_fn = nn.CrossEntropyLoss(weight=weights, label_smoothing=plan.label_smoothing)
     amp_dtype = plan.autocast_dtype

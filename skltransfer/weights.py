@@ -19,19 +19,15 @@ from typing import Any, Union
 import torch
 from torch import nn
 
+# The loaders (download_timm, packaged_weights_file, read_state_dict, load_state,
+# load_paired_in_order, unavailable_error) are public to backbones.py but not documented API.
 __all__ = [
     "BackboneUnavailableError",
     "PACKAGED_WEIGHTS",
     "TORCHVISION_PREFIX",
     "WeightsMismatchError",
     "available_backbones",
-    "download_timm",
-    "load_paired_in_order",
-    "load_state",
     "offline_backbones",
-    "packaged_weights_file",
-    "read_state_dict",
-    "unavailable_error",
     "weights_digest",
 ]
 

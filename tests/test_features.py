@@ -203,6 +203,25 @@ def test_empty_input_is_refused(image_folder):
         tiny().fit([])
 
 
+def test_only_torch_on_the_cpu_changes_the_allocator(tmp_path):
+    """OpenVINO (the CPU's default engine) leaves glibc's settings alone; torch's CPU work tunes them."""
+    import platform
+
+    script = (
+        "import numpy as np\n"
+        "from skltransfer import PretrainedFeatures, runtime\n"
+        f"X = np.zeros((2, 40, 40, 3), np.uint8)\n"
+        f"PretrainedFeatures({TINY!r}, weights=None, engine='openvino', cache=None).fit(X).transform(X)\n"
+        "print(runtime._ALLOCATOR_TUNED)\n"
+        f"PretrainedFeatures({TINY!r}, weights=None, engine='torch', cache=None).fit(X).transform(X)\n"
+        "print(runtime._ALLOCATOR_TUNED)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert done.stdout.split() == ["False", str(glibc)]
+
+
 def test_allocator_tuning_can_be_turned_off(monkeypatch):
     from skltransfer import runtime as inference
 
