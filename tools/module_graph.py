@@ -10,7 +10,9 @@ level or inside a function (a deferred import is still a dependency):
   with the edges that close it;
 * **private imports**: ``from .module import _name`` across modules, which
   makes a name private in its module but public in practice;
-* **layers**: the longest import chain once circles are merged.
+* **layers**: the longest import chain once circles are merged;
+* **lines**: of each module, and of ``FineTuneClassifier.fit`` (the
+  estimator that is to stay thin).
 
 Usage: ``python tools/module_graph.py [--package DIR] [--json]`` (default: this
 checkout's ``skltransfer/``; another checkout's to compare).
@@ -123,6 +125,17 @@ def layers(edges: dict[str, set[str]], groups: list[list[str]]) -> int:
     return max(level(v) for v in merged)
 
 
+def fit_lines(package: Path) -> int | None:
+    """Lines of ``FineTuneClassifier.fit``, from ``def`` to its last statement, docstring included."""
+    tree = ast.parse((package / "finetune.py").read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef) and node.name == "FineTuneClassifier":
+            for item in node.body:
+                if isinstance(item, ast.FunctionDef) and item.name == "fit":
+                    return item.end_lineno - item.lineno + 1
+    return None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--package", type=Path, default=PACKAGE, help="the package folder to read")
@@ -137,6 +150,8 @@ def main() -> None:
         "circles": [{"modules": g, "edges": sorted(f"{a} -> {b}" for a in g for b in edges[a] if b in g)}
                     for g in groups],
         "private_imports": [f"{a} imports {b}.{n}" for a, b, n in sorted(private)],
+        "lines": {p.stem: len(p.read_text().splitlines()) for p in sorted(args.package.glob("*.py"))},
+        "finetune_fit_lines": fit_lines(args.package),
     }
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -148,6 +163,8 @@ def main() -> None:
     print(f"{len(private)} private names imported across modules")
     for line in summary["private_imports"]:
         print(f"  {line}")
+    print(f"FineTuneClassifier.fit: {summary['finetune_fit_lines']} lines; modules: "
+          + ", ".join(f"{m} {n}" for m, n in summary["lines"].items()))
 
 
 if __name__ == "__main__":
