@@ -13,7 +13,7 @@ photos as a Dask DataFrame of paths on 2 local workers, writes the predictions t
 Parquet dataset and prints the accuracy. Needs pip install skltransfer[dask].
 """
 
-import sys
+import argparse
 import tempfile
 from pathlib import Path
 
@@ -28,7 +28,10 @@ from skltransfer import PretrainedFeatures, load_image_folder
 from skltransfer.datasets import fetch_hymenoptera
 
 if __name__ == "__main__":
-    root = Path(sys.argv[1]) if len(sys.argv) > 1 else fetch_hymenoptera()
+    parser = argparse.ArgumentParser(description="Batch scoring with Dask on a 2-worker LocalCluster.")
+    parser.add_argument("photos", nargs="?", type=Path,
+                        help="a folder with train/ and test/ class folders (default: the ants and bees photos)")
+    root = parser.parse_args().photos or fetch_hymenoptera()
     train, y_train = load_image_folder(root / "train")
     test, y_test = load_image_folder(root / "test")
     model = make_pipeline(PretrainedFeatures(), LogisticRegression(max_iter=1000)).fit(train, y_train)

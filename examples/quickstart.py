@@ -14,7 +14,7 @@ and bees photos of PyTorch's transfer-learning tutorial
 ImageNet weights ship with the package: with your own photos this runs offline.
 """
 
-import sys
+import argparse
 from pathlib import Path
 
 from sklearn.linear_model import LogisticRegression
@@ -24,7 +24,11 @@ import skltransfer
 from skltransfer import PretrainedFeatures, load_image_folder, stable_train_test_split
 from skltransfer.datasets import fetch_hymenoptera
 
-root = Path(sys.argv[1]) if len(sys.argv) > 1 else fetch_hymenoptera()
+parser = argparse.ArgumentParser(description="An image classifier from a folder of photos, saved as one file.")
+parser.add_argument("photos", nargs="?", type=Path,
+                    help="one subfolder per class, or train/ and test/ (default: the ants and bees photos)")
+args = parser.parse_args()
+root = args.photos or fetch_hymenoptera()
 if (root / "train").is_dir():
     train, y_train = load_image_folder(root / "train")
     test, y_test = load_image_folder(root / "test")

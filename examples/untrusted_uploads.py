@@ -14,6 +14,7 @@ pixels, a truncated JPEG and a text file named .jpg. The bad files become error
 rows with a reason; the good ones are scored. Runs offline, in a temporary folder.
 """
 
+import argparse
 import io
 import shutil
 import struct
@@ -46,6 +47,8 @@ def png_bomb(width: int = 60_000, height: int = 60_000) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b"")
 
 
+argparse.ArgumentParser(description="Score uploads from strangers: a safe model file, bombs and broken files as "
+                        "error rows (no arguments: runs offline in a temporary folder).").parse_args()
 folder = Path(tempfile.mkdtemp())
 rng = np.random.default_rng(0)
 china, flower = load_sample_images().images
