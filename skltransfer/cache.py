@@ -446,7 +446,7 @@ class FeatureCache:
                     return sent
                 _OUTAGES.pop((self.shared_url, "write"), None)
                 sent += len(good)
-            done = [(config, k) for k, _, _ in rows if k is not None]  # evicted or damaged rows: nothing to send
+            done = [(config, k) for k, _, _ in rows]  # sent, or evicted or damaged: nothing left to send
 
             def unmark(conn):
                 with conn:

@@ -337,14 +337,15 @@ def _extract(args: argparse.Namespace) -> int:
 
 def _cache(args: argparse.Namespace) -> int:
     from .cache import FeatureCache
+    from .objectstore import public_url
 
     store = FeatureCache(args.cache)
     if args.action == "clear":
         store.clear(shared=args.shared)
         print(f"cleared {store.path}")
         if store.shared_url is not None:
-            print(f"cleared {store.info()['shared']['url']}" if args.shared
-                  else f"kept the shared store {store.info()['shared']['url']} (--shared clears it too)")
+            url = public_url(store.shared_url)
+            print(f"cleared {url}" if args.shared else f"kept the shared store {url} (--shared clears it too)")
         return EXIT_OK
     info = store.info()
     print(f"path:           {info['path']}")

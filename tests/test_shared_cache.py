@@ -17,7 +17,7 @@ from sklearn.pipeline import Pipeline
 
 from _s3 import BUCKET, CREDENTIALS, Gate, S3Server
 from _support import TINY
-from skltransfer import FeatureCache, FineTuneClassifier, PretrainedFeatures, load_image_folder, save
+from skltransfer import FeatureCache, FineTuneClassifier, ImageLoadError, PretrainedFeatures, load_image_folder, save
 from skltransfer import cache as cache_module
 from skltransfer import objectstore
 from skltransfer.cache import SharedCacheWarning
@@ -171,6 +171,20 @@ def test_a_failing_store_warns_once_loses_nothing_and_the_next_run_fills_it(imag
     assert machine(url, tmp_path, "one").info()["unshared"] == 0
     fresh = features(machine(url, tmp_path, "fresh")).fit(paths)
     np.testing.assert_array_equal(fresh.transform(paths), reference)
+    assert fresh.cache_info_.hits == len(paths)
+
+
+def test_a_bad_image_is_named_and_the_good_rows_still_reach_the_store(image_folder, tmp_path, url):
+    paths, _ = load_image_folder(image_folder)
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8 not really a jpeg")
+    f = features(machine(url, tmp_path, "one")).fit(paths)
+    with pytest.raises(ImageLoadError, match="broken.jpg") as raised:
+        f.transform([*paths, str(broken)])
+    assert [failure.index for failure in raised.value.failures] == [len(paths)]
+    assert shared_rows(url) == len(paths)  # uploaded before the error left the call
+    fresh = features(machine(url, tmp_path, "fresh")).fit(paths)
+    np.testing.assert_array_equal(fresh.transform(paths), raised.value.rows[: len(paths)])
     assert fresh.cache_info_.hits == len(paths)
 
 
