@@ -10,9 +10,9 @@ alone as one ONNX graph of three parts, joined with ``onnx.compose.merge_models`
    image, or several of one size), and the graph resizes, crops or pads and
    normalises them exactly as :meth:`Preprocessing.resize_crop
    <skltransfer.preprocessing.Preprocessing.resize_crop>` and
-   :meth:`~skltransfer.preprocessing.Preprocessing.normalize` do
-   (ONNX ``Resize`` with ``antialias=1``, opset 18: torch's antialiased
-   resize, within one grey level on 0.5 % of the pixels);
+   :meth:`~skltransfer.preprocessing.Preprocessing.normalize` do (the
+   resize is torch's fixed-point arithmetic written in plain operators,
+   so the pixels are the library's, bit for bit);
 2. the network, exported by ``torch.onnx.export`` (the inference copy
    with BatchNorm folded, as the library runs it);
 3. the head: the pipeline's scikit-learn steps converted by ``skl2onnx``
@@ -41,7 +41,7 @@ import numpy as np
 
 __all__ = ["ExportError", "OPSET", "export"]
 
-#: ONNX opset of every part (``Resize``'s ``antialias`` needs 18).
+#: ONNX opset of every part (18 or later).
 OPSET = 18
 ML_OPSET = 3
 INPUT = "image"
@@ -68,7 +68,7 @@ def export(model: Any, path: str | os.PathLike, *, opset: int = OPSET) -> Path:
     path : path
         Where to write the ``.onnx`` file (parents are created).
     opset : int, default=18
-        The ONNX opset (18 or later: the antialiased resize needs it).
+        The ONNX opset (18 or later).
 
     Returns
     -------
@@ -100,7 +100,7 @@ def export(model: Any, path: str | os.PathLike, *, opset: int = OPSET) -> Path:
     True
     """
     if opset < 18:
-        raise ValueError(f"opset must be 18 or later (the antialiased Resize), got {opset}")
+        raise ValueError(f"opset must be 18 or later, got {opset}")
     parts = _parts(model)
     network = _network_graph(parts["network"], parts["preprocessing"], parts["description"], opset)
     graph = _merge(_preprocessing_graph(parts["preprocessing"], opset), network, "input", "net/")
@@ -109,6 +109,7 @@ def export(model: Any, path: str | os.PathLike, *, opset: int = OPSET) -> Path:
         graph = _merge(graph, head, "features", "head/")
     _rename_outputs(graph, parts["outputs"])
     _set_metadata(graph, parts["metadata"])
+    _oldest_ir_version(graph)
     import onnx
 
     onnx.checker.check_model(graph)
@@ -274,12 +275,9 @@ def _preprocessing_graph(p, opset: int):
     starts = g.op("Concat", plan["top"], plan["left"], axis=0)
     ends = g.op("Concat", g.op("Add", plan["top"], plan["keep_h"]), g.op("Add", plan["left"], plan["keep_w"]), axis=0)
     pixels = g.op("Slice", pixels, starts, ends, axes)
-    sizes = g.op("Concat", batch, g.int(3), plan["resize_h"], plan["resize_w"], axis=0)
-    pixels = g.op("Resize", pixels, "", "", sizes, **_resize_attributes(p.interpolation))
-    starts = g.op("Concat", plan["crop_top"], plan["crop_left"], axis=0)
-    ends = g.op("Concat", g.op("Add", plan["crop_top"], plan["crop_h"]),
-                g.op("Add", plan["crop_left"], plan["crop_w"]), axis=0)
-    pixels = g.op("Cast", g.op("Slice", pixels, starts, ends, axes), to=TensorProto.FLOAT)
+    pixels = _resize_as_torch(g, pixels, (plan["keep_h"], plan["resize_h"], plan["crop_top"], plan["crop_h"]),
+                              (plan["keep_w"], plan["resize_w"], plan["crop_left"], plan["crop_w"]), p.interpolation)
+    pixels = g.op("Cast", pixels, to=TensorProto.FLOAT)
     if "pad_top" in plan:  # letterbox with the mean colour: pad (pixels - colour) with zeros
         colour = g.const(np.array([round(m * 255) for m in p.mean], np.float32).reshape(1, 3, 1, 1), np.float32)
         bottom = g.op("Sub", g.op("Sub", g.int(p.input_size[0]), plan["crop_h"]), plan["pad_top"])
@@ -301,12 +299,110 @@ def _preprocessing_graph(p, opset: int):
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
 
 
-def _resize_attributes(interpolation: str) -> dict[str, Any]:
-    # torch's antialiased resize is PIL's: support scaled with the reduction, weights
-    # renormalised over the pixels inside the image (exclude_outside), cubic a = -0.5.
-    mode = {"bilinear": "linear", "bicubic": "cubic"}[interpolation]
-    return dict(mode=mode, antialias=1, exclude_outside=1, cubic_coeff_a=-0.5,
-                coordinate_transformation_mode="half_pixel")
+# -- the resize, as torch computes it on uint8 pixels ----------------------------------------
+#
+# ONNX's Resize (antialias=1) is PIL's algorithm too, but ONNX Runtime rounds its fixed-point
+# weights otherwise than torch, so 0.5-2 % of the pixels came out one grey level apart, which
+# moved EfficientNet's features by up to 3 % and a probability by up to 0.03. So the graph does
+# torch's own arithmetic (aten/src/ATen/native/cpu/UpSampleKernel.cpp, uint8 with antialias):
+# per axis, PIL's filter weights in float64, normalised per output pixel, scaled to int16 with
+# the most bits that keep the largest weight below 2**15, summed in int32 with half a unit
+# added, shifted down and clamped to 0-255; first along the width, then along the height. The
+# sums run as one MatMulInteger per part of the int16 weights (high byte int8, low byte uint8),
+# exact, and a runtime that reads plain ONNX operators (OpenVINO) computes the same pixels.
+
+
+def _resize_as_torch(g: _Nodes, pixels: str, rows: tuple[str, str, str, str], columns: tuple[str, str, str, str],
+                     interpolation: str) -> str:
+    """(N, 3, H, W) uint8 resized and cropped, pixel for pixel as torch's antialiased resize and a crop.
+
+    ``rows`` and ``columns`` are (input size, resized size, first kept, number kept):
+    only the kept output pixels are computed (each depends on its own weights alone).
+    """
+    pixels = _resize_pass(g, pixels, *_fixed_point_weights(g, *columns, interpolation))   # along the width
+    pixels = g.op("Transpose", pixels, perm=[0, 1, 3, 2])
+    pixels = _resize_pass(g, pixels, *_fixed_point_weights(g, *rows, interpolation))      # along the height
+    return g.op("Transpose", pixels, perm=[0, 1, 3, 2])
+
+
+def _resize_pass(g: _Nodes, pixels: str, weights: str, zero_points: str, kept: str, unit: str) -> str:
+    from onnx import TensorProto
+
+    both = g.op("MatMulInteger", pixels, weights, g.const(0, np.uint8), zero_points)   # (..., 2 kept): high, low
+    high = g.op("Slice", both, g.int(0), kept, g.int(-1))
+    low = g.op("Slice", both, kept, g.op("Mul", kept, g.int(2)), g.int(-1))
+    total = g.op("Add", g.op("Mul", high, g.const(256, np.int32)), low)
+    total = g.op("Add", total, g.op("Div", unit, g.const(2, np.int32)))    # + 2**(p - 1), then >> p
+    shifted = g.op("Div", total, unit)   # truncates; a negative sum clamps to 0 either way
+    return g.op("Cast", g.op("Clip", shifted, g.const(0, np.int32), g.const(255, np.int32)), to=TensorProto.UINT8)
+
+
+def _fixed_point_weights(g: _Nodes, size_in: str, size_out: str, start: str, kept: str,
+                         interpolation: str) -> tuple[str, str, str, str]:
+    """torch's int16 weights of the kept outputs as one int8 (in, 2 kept) matrix, high bytes then low.
+
+    The low bytes (0-255) are stored less 128 with a zero point of -128, so that
+    one u8 x s8 MatMulInteger (the fast kind) computes both sums exactly. Also
+    returns the zero points, ``kept`` and 2**p (int32).
+    """
+    from onnx import TensorProto, helper
+
+    taps = {"bilinear": 2, "bicubic": 4}[interpolation]
+    n_in, n_out = g.double(size_in), g.double(size_out)
+    scale = g.op("Div", n_in, n_out)
+    shrinking = g.op("GreaterOrEqual", scale, g.num(1.0))
+    support = g.where(shrinking, g.op("Mul", g.num(taps * 0.5), scale), g.num(taps * 0.5))
+    inverse = g.where(shrinking, g.op("Div", g.num(1.0), scale), g.num(1.0))
+    most = g.op("Add", g.op("Mul", g.op("Ceil", support), g.num(2.0)), g.num(1.0))   # taps per output pixel
+
+    def count(n):  # 0, 1, ..., n - 1 as float64
+        return g.double(g.op("Range", g.const(0), g.op("Squeeze", n, g.int(0)), g.const(1)))
+
+    center = g.op("Mul", scale, g.op("Add", count(size_out), g.num(0.5)))              # (out,)
+    first = g.op("Max", g.op("Floor", g.op("Add", g.op("Sub", center, support), g.num(0.5))), g.num(0.0))
+    end = g.op("Min", g.op("Floor", g.op("Add", g.op("Add", center, support), g.num(0.5))), n_in)
+    used = g.op("Min", g.op("Max", g.op("Sub", end, first), g.num(0.0)), most)
+    tap = g.op("Unsqueeze", count(g.int64(most)), g.int(1))                                # (K, 1)
+    column = g.op("Add", tap, first)                                                       # (K, out)
+    x = g.op("Mul", g.op("Add", g.op("Sub", column, center), g.num(0.5)), inverse)
+    weights = g.where(g.op("Less", tap, used), _filter(g, x, interpolation), g.num(0.0))
+    weights = g.op("Div", weights, g.op("ReduceSum", weights, g.int(0), keepdims=1))
+    largest = g.op("ReduceMax", weights, keepdims=0)   # over every output pixel, kept or not, as torch
+    # the precision p: the number of p in 0..21 with round(largest * 2**(p + 1)) < 2**15
+    fits = g.op("Less", g.op("Floor", g.op("Add", g.op("Mul", largest, g.const(2.0 ** np.arange(1, 23), np.float64)),
+                                                g.num(0.5))), g.num(2.0 ** 15))
+    unit = g.op("Pow", g.num(2.0), g.op("ReduceSum", g.op("Cast", fits, to=TensorProto.DOUBLE), keepdims=0))
+    stop = g.op("Add", start, kept)
+    weights = g.op("Slice", weights, start, stop, g.int(1))
+    column = g.op("Slice", column, start, stop, g.int(1))
+    rounded = g.op("Mul", g.op("Sign", weights),   # round half away from zero, as C's (int)(v +- 0.5)
+                   g.op("Floor", g.op("Add", g.op("Mul", g.op("Abs", weights), unit), g.num(0.5))))
+    low = g.op("Sub", rounded, g.op("Mul", g.op("Floor", g.op("Div", rounded, g.num(256.0))), g.num(256.0)))
+    high = g.op("Div", g.op("Sub", rounded, low), g.num(256.0))
+    # the K x kept taps into an (in, 2 kept) matrix that starts as the zero points (0 for the high
+    # bytes, -128 for the low ones); taps past the image (weight 0) add 0 to its last row
+    index = g.int64(g.op("Min", column, g.op("Sub", n_in, g.num(1.0))))
+    none = g.op("Mul", count(kept), g.num(0.0))                                            # (kept,) zeros
+    zero_points = g.op("Concat", none, g.op("Add", none, g.num(-128.0)), axis=0)           # (2 kept,)
+    start_as = g.op("Add", g.op("ConstantOfShape", g.op("Concat", size_in, g.op("Mul", kept, g.int(2)), axis=0),
+                                value=helper.make_tensor("zero", TensorProto.DOUBLE, [1], [0.0])), zero_points)
+    both = g.op("ScatterElements", start_as, g.op("Concat", index, index, axis=1), g.op("Concat", high, low, axis=1),
+                axis=0, reduction="add")
+    zero_points = g.op("Cast", zero_points, to=TensorProto.INT8)
+    return g.op("Cast", both, to=TensorProto.INT8), zero_points, kept, g.op("Cast", unit, to=TensorProto.INT32)
+
+
+def _filter(g: _Nodes, x: str, interpolation: str) -> str:
+    """PIL's filters, as torch has them: the triangle, and the cubic with a = -0.5."""
+    distance, one = g.op("Abs", x), g.num(1.0)
+    if interpolation == "bilinear":
+        return g.op("Max", g.op("Sub", one, distance), g.num(0.0))
+    a = -0.5  # ((a + 2) x - (a + 3)) x x + 1 below 1; (((x - 5) x + 8) x - 4) a below 2
+    near = g.op("Add", g.op("Mul", g.op("Mul", g.op("Sub", g.op("Mul", g.num(a + 2), distance), g.num(a + 3)),
+                                        distance), distance), one)
+    far = g.op("Mul", g.op("Sub", g.op("Mul", g.op("Add", g.op("Mul", g.op("Sub", distance, g.num(5.0)), distance),
+                                                   g.num(8.0)), distance), g.num(4.0)), g.num(a))
+    return g.where(g.op("Less", distance, one), near, g.where(g.op("Less", distance, g.num(2.0)), far, g.num(0.0)))
 
 
 def _plan_none(g: _Nodes, p, height: str, width: str) -> dict[str, str]:
@@ -560,6 +656,23 @@ def _merge(first, second, name: str, prefix: str):
     target = second.graph.input[0].name
     merged = compose.merge_models(first, second, io_map=[(source, target)], prefix2=prefix)
     return merged
+
+
+def _oldest_ir_version(model) -> None:
+    """One entry per opset domain, and the oldest IR version that has them (8 for opset 18).
+
+    The onnx package writes its own newest IR version, which ONNX Runtimes older
+    than that package refuse to load ("Unsupported model IR version"); nothing in
+    the file needs more than its opsets do.
+    """
+    from onnx import helper
+
+    opsets = {}
+    for entry in model.opset_import:
+        opsets[entry.domain] = max(opsets.get(entry.domain, 0), entry.version)
+    del model.opset_import[:]
+    model.opset_import.extend(helper.make_opsetid(domain, version) for domain, version in opsets.items())
+    model.ir_version = helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
 
 
 def _rename_outputs(model, names: list[str]) -> None:
