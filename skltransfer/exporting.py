@@ -258,7 +258,6 @@ def _preprocessing_graph(p, opset: int):
         raise ExportError(f"crop_pct={p.crop_pct} > 1 pads inside the centre crop; the export does not write that")
     g = _Nodes()
     shape = g.op("Shape", INPUT)
-    batch = g.op("Slice", shape, g.int(0), g.int(1))
     height = g.op("Slice", shape, g.int(1), g.int(2))
     width = g.op("Slice", shape, g.int(2), g.int(3))
     policies = {"none": _plan_none, "pad": _plan_pad, "center": _plan_center}

@@ -51,7 +51,6 @@ def test_the_graph_preprocesses_as_the_library_does(name):
     """Every crop policy, crop mode and interpolation, at sizes from 1 x 2000 to 8 x 8: the model sees the same input."""
     p = CONFIGS[name]
     session = ort.InferenceSession(_preprocessing_graph(p, 18).SerializeToString())
-    one_level = 1 / 255 / min(p.std)
     for seed, (height, width) in enumerate(SIZES):
         pixels = make_image(seed, size=(height, width))
         expected = p.normalize(p.resize_crop(torch.from_numpy(pixels).permute(2, 0, 1))[None]).numpy()
