@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from _machine import cpu_model
+from _results import write_results
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 
@@ -83,11 +84,11 @@ def load_set(name: str, data: Path, tmp: Path):
     raise ValueError(f"unknown set {name!r}")
 
 
-def compare(name, train, test, y_train, y_test, seeds, params) -> None:
+def compare(name, train, test, y_train, y_test, seeds, params) -> dict:
     frozen = make_pipeline(PretrainedFeatures(), LogisticRegression(max_iter=1000)).fit(train, y_train)
     base = frozen.score(test, y_test)
     print(f"{name:<12} {len(train)} train / {len(test)} test; frozen README pipeline: {base:6.1%}", flush=True)
-    scores, times = [], []
+    scores, times, kept = [], [], []
     for seed in seeds:
         clf = FineTuneClassifier(random_state=seed, **params)
         start = time.perf_counter()
@@ -96,6 +97,7 @@ def compare(name, train, test, y_train, y_test, seeds, params) -> None:
         score = clf.score(test, y_test)
         scores.append(score)
         times.append(seconds)
+        kept.append(int(clf.best_epoch_))
         valid = " ".join(f"{h['epoch']}:{h['valid_accuracy']:.3f}" for h in clf.history_ if "valid_accuracy" in h)
         speeds = [h["images_per_second"] for h in clf.history_ if h["phase"] != "probe"]
         print(f"{name:<12} seed {seed}: FineTuneClassifier {score:6.1%} ({seconds:4.0f} s, "
@@ -103,6 +105,20 @@ def compare(name, train, test, y_train, y_test, seeds, params) -> None:
               f"kept epoch {clf.best_epoch_}; validation {valid}", flush=True)
     print(f"{name:<12} mean of {len(seeds)} seeds: {np.mean(scores):6.1%} vs frozen {base:6.1%} "
           f"({100 * (np.mean(scores) - base):+.1f} points), {np.mean(times):.0f} s a fit", flush=True)
+    return {"set": name, "train_images": len(train), "test_images": len(test), "frozen": base,
+            "seeds": list(seeds), "finetune": scores, "fit_seconds": times, "kept_epoch": kept}
+
+
+def finetune_table(rows: list[dict]) -> str:
+    """The table docs/finetune.md includes."""
+    lines = ["| set | train / test images | frozen README pipeline | `FineTuneClassifier()`, mean of seeds "
+             "(each seed) | kept epoch per seed | fit time, mean |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        each = " / ".join(f"{s:.1%}" for s in r["finetune"])
+        lines.append(f"| {r['set']} | {r['train_images']} / {r['test_images']} | {r['frozen']:.1%} | "
+                     f"{np.mean(r['finetune']):.1%} ({each}) | {', '.join(map(str, r['kept_epoch']))} | "
+                     f"{np.mean(r['fit_seconds']):.0f} s |")
+    return "\n".join(lines)
 
 
 def parse_params(pairs: list[str]) -> dict:
@@ -123,14 +139,16 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
     parser.add_argument("--param", nargs="*", default=[], help="FineTuneClassifier parameters, key=value")
     parser.add_argument("--skip", nargs="*", default=[], help="accuracy, speed or predict")
+    parser.add_argument("--results", default="finetune", help="name of the results file (accuracy part)")
     args = parser.parse_args()
     params = parse_params(args.param)
     print(f"CPU: {cpu_model()}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"FineTuneClassifier({', '.join(f'{k}={v!r}' for k, v in params.items())})", flush=True)
     if "accuracy" not in args.skip:
         with tempfile.TemporaryDirectory() as tmp:
-            for name in args.sets:
-                compare(name, *load_set(name, args.data, Path(tmp)), args.seeds, params)
+            rows = [compare(name, *load_set(name, args.data, Path(tmp)), args.seeds, params) for name in args.sets]
+        write_results(args.results, {"parameters": {k: repr(v) for k, v in params.items()}, "sets": rows},
+                      finetune_table(rows))
     if "speed" not in args.skip:
         train, y_train = load_image_folder(args.data / "hymenoptera" / "train")
         clf = FineTuneClassifier(**{"epochs": 1, "early_stopping": False, "init_head": "random", "random_state": 0,
