@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 __all__ = [
-    "DATA_HOME_ENV", "IMAGE_EXTENSIONS", "DatasetUnavailableError", "data_home", "fetch_hymenoptera",
+    "DATA_HOME_ENV", "IMAGE_EXTENSIONS", "DatasetUnavailableError", "content_digest", "data_home", "fetch_hymenoptera",
     "iter_image_files", "load_image_folder", "stable_train_test_split", "write_digits_folder",
 ]
 
@@ -248,23 +248,56 @@ class DatasetUnavailableError(OSError):
 class RemoteArchive:
     """Where a data set's archive is downloaded from, and what it must hash to.
 
-    ``sha256=None`` marks a checksum that could not be checked when the code
-    was written (no network there): the archive is then accepted on its
-    layout alone, and its digest is recorded beside the data.
+    ``sha256`` is the archive's digest; ``content_sha256`` the digest of the
+    files unpacked from it (:func:`content_digest`), which can be pinned from
+    a copy of the data when the archive itself cannot be fetched. A download
+    must match every digest that is set; with neither set it is accepted on
+    its layout alone. The archive's digest is recorded beside the data.
     """
 
     url: str
     sha256: str | None
     # archive member folder -> the data set's folder
     folders: tuple[tuple[str, str], ...]
+    content_sha256: str | None = None
+    # only members with these endings are unpacked (None: all)
+    suffixes: tuple[str, ...] | None = None
 
 
 HYMENOPTERA = RemoteArchive(
     # The PyTorch transfer-learning tutorial's archive (ants and bees; its val/ is our test/).
     url="https://download.pytorch.org/tutorial/hymenoptera_data.zip",
-    sha256=None,  # UNVERIFIED: written offline; the first download's digest is kept in SHA256SUM
+    # The archive could not be fetched where this was written (no network), so its own digest
+    # is not pinned; its 397 photos are: content_sha256 is content_digest() of a copy of the
+    # tutorial's data (244 train, 153 test JPEGs). The archive's one placeholder GIF
+    # (train/ants/imageNotFound.gif, not a photo) is not unpacked.
+    sha256=None,
     folders=(("hymenoptera_data/train/", "train/"), ("hymenoptera_data/val/", "test/")),
+    content_sha256="a045c354a63d3966a561b1093e964d327857780fd01b0cb1f8b3cae77b3e0ec3",
+    suffixes=(".jpg", ".jpeg"),
 )
+
+
+def content_digest(folder: str | os.PathLike) -> str:
+    """sha256 over every file under ``folder`` (sorted relative path and the file's own sha256).
+
+    What ``RemoteArchive.content_sha256`` pins: the same files give the same
+    digest wherever they are unpacked. ``SHA256SUM`` (written by the fetch) is
+    left out.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> folder = Path(tempfile.mkdtemp())
+    >>> _ = (folder / "a.txt").write_text("ants")
+    >>> content_digest(folder)[:12]
+    'fa94877c533a'
+    """
+    root = Path(folder)
+    lines = []
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.name != "SHA256SUM"):
+        lines.append(f"{path.relative_to(root).as_posix()}\t{hashlib.sha256(path.read_bytes()).hexdigest()}\n")
+    return hashlib.sha256("".join(lines).encode()).hexdigest()
 
 
 def data_home(folder: str | os.PathLike | None = None) -> Path:
@@ -292,7 +325,7 @@ def fetch_hymenoptera(folder: str | os.PathLike | None = None, *, download: bool
     ``data_home(folder) / "hymenoptera"``: a folder that already holds
     ``train/`` and ``test/`` is used as it is (so a copy you have is never
     downloaded again); otherwise the tutorial's archive (47 MB) is
-    downloaded, its checksum checked, and unpacked there.
+    downloaded and its photos unpacked there, checked against a pinned digest.
 
     Parameters
     ----------
@@ -353,6 +386,8 @@ def _fetch(name: str, remote: RemoteArchive, home: Path, download: bool, timeout
                                  if member.filename.startswith(src)), None)
                     if dest is None or member.is_dir() or ".." in Path(dest).parts:
                         continue
+                    if remote.suffixes is not None and not dest.lower().endswith(remote.suffixes):
+                        continue
                     path = staged / dest
                     path.parent.mkdir(parents=True, exist_ok=True)
                     with zf.open(member) as src_file, open(path, "wb") as out:
@@ -361,6 +396,12 @@ def _fetch(name: str, remote: RemoteArchive, home: Path, download: bool, timeout
             raise DatasetUnavailableError(f"{remote.url} is not a zip archive ({exc}): {how_to}") from exc
         if not all((staged / d).is_dir() for d in wanted):
             raise DatasetUnavailableError(f"{remote.url} does not hold {', '.join(wanted)}: {how_to}")
+        unpacked = content_digest(staged)
+        if remote.content_sha256 is not None and unpacked != remote.content_sha256:
+            raise DatasetUnavailableError(
+                f"the files unpacked from {remote.url} are not the expected ones (content sha256 {unpacked}, "
+                f"expected {remote.content_sha256}); nothing was kept. {how_to}"
+            )
         (staged / "SHA256SUM").write_text(f"{digest}  {remote.url}\n")
         if target.exists():  # an incomplete earlier copy
             shutil.rmtree(target)

@@ -185,6 +185,39 @@ def test_an_unverified_checksum_accepts_the_layout_and_records_the_digest(tmp_pa
         datasets.fetch_hymenoptera(tmp_path / "other")
 
 
+def test_the_unpacked_photos_must_be_the_pinned_ones(tmp_path, server, monkeypatch):
+    """content_sha256 pins the photos themselves; a placeholder that is not a photo is never unpacked."""
+    import dataclasses
+    import io
+    import zipfile
+
+    from skltransfer import datasets
+
+    base, files, _ = server
+    files["/h.zip"] = _archive(tmp_path)
+    with zipfile.ZipFile(io.BytesIO(files["/h.zip"])) as zf, zipfile.ZipFile(tmp_path / "plus.zip", "w") as out:
+        for member in zf.infolist():
+            out.writestr(member, zf.read(member))
+        out.writestr("hymenoptera_data/train/ants/imageNotFound.gif", b"GIF89a placeholder")
+    files["/plus.zip"] = (tmp_path / "plus.zip").read_bytes()
+    monkeypatch.setattr(datasets, "HYMENOPTERA", _remote(base + "/h.zip", None))
+    pinned = datasets.content_digest(datasets.fetch_hymenoptera(tmp_path / "reference"))
+    remote = dataclasses.replace(_remote(base + "/plus.zip", None), content_sha256=pinned, suffixes=(".jpg",))
+    monkeypatch.setattr(datasets, "HYMENOPTERA", remote)
+    folder = datasets.fetch_hymenoptera(tmp_path / "home")  # the GIF is left out, so the photos match
+    assert not (folder / "train" / "ants" / "imageNotFound.gif").exists() and len(load_image_folder(folder / "train")[0]) == 4
+    monkeypatch.setattr(datasets, "HYMENOPTERA", dataclasses.replace(remote, suffixes=None))
+    with pytest.raises(datasets.DatasetUnavailableError, match=f"expected {pinned}"):
+        datasets.fetch_hymenoptera(tmp_path / "other")  # with the GIF the files differ: refused
+    assert list((tmp_path / "other").iterdir()) == []
+
+
+def test_the_pinned_hymenoptera_digest_is_that_of_the_tutorial_photos():
+    from skltransfer import datasets
+
+    assert datasets.content_digest(requires_shared_data("hymenoptera")) == datasets.HYMENOPTERA.content_sha256
+
+
 def test_offline_or_download_false_names_the_folder_to_use_instead(tmp_path, server, monkeypatch):
     from skltransfer import datasets
 
