@@ -200,6 +200,9 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
         (cross-entropy) and ``valid_accuracy``, and ``best`` on the kept state
         (with ``refitted`` when ``refit`` trained it again on every image;
         that run's epochs follow, ``phase="refit"``, without validation scores).
+        Exactly one entry has ``final=True``: the state the model holds, with
+        ``validated``, whether held-out images scored that very state (False
+        after a refit and without a validation split).
     best_epoch_ : int
         The epoch whose state was kept: 0 is the probe (the frozen pipeline,
         refitted on all images), ``None`` when no validation split chose.

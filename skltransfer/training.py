@@ -273,6 +273,9 @@ def fine_tune(model: nn.Module, classifier: str, unfreeze: Any, items: Sequence[
        join the history as ``phase="refit"`` and the kept row gets
        ``refitted``.
 
+    The row whose state the model ends with is marked ``final``, with
+    ``validated``: whether the validation split scored that very state.
+
     ``model`` is changed in place; ``history`` holds the rows of earlier
     fits (``warm_start``), whose epochs are counted on.
     """
@@ -312,7 +315,31 @@ def fine_tune(model: nn.Module, classifier: str, unfreeze: Any, items: Sequence[
                                         again, device)
         rows += [{**row, "phase": "refit"} for row in refitted]
         best["refitted"] = True
+    _mark_final(rows, best)
     return FineTuning(rows, best)
+
+
+def _mark_final(rows: list[dict[str, Any]], best: dict[str, Any] | None) -> None:
+    """Mark the row whose state the model holds (``final``) and whether held-out images scored that very state.
+
+    ``validated`` is True only where the final model is the state the
+    validation split scored; a refit (even the probe's, which is then the
+    frozen pipeline on every image) and a fit without a split are not
+    validated, and the history says so instead of leaving it to be inferred.
+    """
+    for row in rows:  # a warm start's earlier fit no longer describes the model
+        row.pop("final", None)
+        row.pop("validated", None)
+    if not rows:
+        return
+    if best is not None and not best.get("refitted"):
+        final, validated = best, True
+    elif best is not None and best["phase"] == "probe":
+        final, validated = best, False  # the probe refitted on every image: the frozen pipeline
+    else:
+        final, validated = rows[-1], False  # the refit's last epoch, or the last epoch without a split
+    final["final"] = True
+    final["validated"] = validated
 
 
 def _batchnorm_to_eval(model: nn.Module, trainable: set[str], freeze_all: bool) -> None:

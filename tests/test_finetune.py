@@ -148,6 +148,27 @@ def test_a_fine_tuned_winner_is_refitted_on_every_image(monkeypatch):
     assert not np.allclose(kept.predict_proba(X), unsplit.predict_proba(X))
 
 
+def _final(history):
+    rows = [h for h in history if h.get("final")]
+    assert len(rows) == 1, "exactly one row holds the state the model ends with"
+    return rows[0]
+
+
+def test_the_history_says_which_state_the_model_holds_and_whether_it_was_validated(monkeypatch, data):
+    X, y = _blobs()
+    _training_wins(monkeypatch)
+    refitted = tiny(epochs=1, early_stopping=True, learning_rate=1e-3).fit(X, y)
+    assert _final(refitted.history_) is refitted.history_[-1]  # the refit's last epoch: nothing scored it
+    assert refitted.history_[-1]["phase"] == "refit" and refitted.history_[-1]["validated"] is False
+    kept = tiny(epochs=1, early_stopping=True, learning_rate=1e-3, refit=False).fit(X, y)
+    final = _final(kept.history_)  # the very state the split scored
+    assert final["best"] and final["validated"] is True and "valid_accuracy" in final
+    unsplit = tiny(epochs=2, early_stopping=False).fit(*data)
+    assert _final(unsplit.history_) is unsplit.history_[-1] and unsplit.history_[-1]["validated"] is False
+    unsplit.set_params(warm_start=True, epochs=1).fit(*data)  # the earlier fit's mark moves to the new end
+    assert _final(unsplit.history_) is unsplit.history_[-1]
+
+
 def test_the_same_random_state_gives_the_same_model_on_cpu(data):
     a = tiny(random_state=3, epochs=2).fit(*data).predict_proba(data[0])
     b = tiny(random_state=3, epochs=2).fit(*data).predict_proba(data[0])
@@ -345,6 +366,7 @@ def test_when_training_does_not_win_clearly_the_result_is_the_frozen_pipeline():
     # kept and refitted on every image, as the README pipeline is.
     clf = tiny(epochs=2, early_stopping=True, validation_fraction=0.5, learning_rate=1e-12).fit(X, y)
     assert clf.best_epoch_ == 0 and clf.history_[0].get("best") and clf.history_[0].get("refitted")
+    assert _final(clf.history_) is clf.history_[0] and clf.history_[0]["validated"] is False
     assert [h["epoch"] for h in clf.history_] == [0, 1, 2]
     assert all("valid_accuracy" in h for h in clf.history_)
     frozen = make_pipeline(PretrainedFeatures(TINY, weights=None, cache=None), LogisticRegression(max_iter=1000))
