@@ -10,7 +10,7 @@ Usage::
 
 GridSearchCV over backbone x crop x layers x tta and the head's C on small images: by
 default the demo's 8 x 8 digits (installed with scikit-learn); ``--data`` takes any class
-folders (the project measured it on a CIFAR-10 sample, 32 px: docs/feature-options.md). Every (image, options) pair goes
+folders (docs/feature-options.md has the same search on the shared data sets). Every (image, options) pair goes
 through the backbone once and lands in the feature cache: the 3 C values and the
 3 folds reuse it, and a second run of this script computes nothing. Draws the
 cross-validated accuracy of each feature option (best C) as bars.
@@ -77,7 +77,7 @@ best = results.groupby("options", sort=False)["score"].max().sort_values()
 fig, ax = plt.subplots(figsize=(9, 1 + 0.55 * len(best)))
 ax.barh(best.index, best.values, color=["tab:green" if v == best.max() else "tab:blue" for v in best.values])
 ax.set_xlim(max(0.0, best.min() - 0.1), min(1.0, best.max() + 0.05))
-ax.set_xlabel(f"3-fold CV accuracy (best C), {len(paths)} CIFAR-10 images")
+ax.set_xlabel(f"3-fold CV accuracy (best C), {len(paths)} images from {'the demo digits' if args.data is None else args.data.name}")
 ax.set_title(f"{len(results)} candidates x 3 folds in {seconds:.0f} s; {computed} new feature rows computed")
 fig.tight_layout()
 fig.savefig(args.out, dpi=110)

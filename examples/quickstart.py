@@ -10,11 +10,13 @@ Usage::
 PHOTOS_DIR holds one subfolder per class (or train/ and test/). Without it, the ants
 and bees photos of PyTorch's transfer-learning tutorial
 (``skltransfer.datasets.fetch_hymenoptera``: downloaded once, 47 MB, into
-``$SKLTRANSFER_DATA`` or ``~/.cache/skltransfer/datasets``). The default backbone's
-ImageNet weights ship with the package: with your own photos this runs offline.
+``$SKLTRANSFER_DATA`` or ``~/.cache/skltransfer/datasets``); offline, scikit-learn's
+handwritten digits, which install with it. The default backbone's ImageNet weights ship with
+the package: this runs with no network.
 """
 
 import argparse
+import tempfile
 from pathlib import Path
 
 from sklearn.linear_model import LogisticRegression
@@ -22,13 +24,17 @@ from sklearn.pipeline import make_pipeline
 
 import skltransfer
 from skltransfer import PretrainedFeatures, load_image_folder, stable_train_test_split
-from skltransfer.datasets import fetch_hymenoptera
+from skltransfer.datasets import DatasetUnavailableError, fetch_hymenoptera, write_digits_folder
 
 parser = argparse.ArgumentParser(description="An image classifier from a folder of photos, saved as one file.")
 parser.add_argument("photos", nargs="?", type=Path,
                     help="one subfolder per class, or train/ and test/ (default: the ants and bees photos)")
 args = parser.parse_args()
-root = args.photos or fetch_hymenoptera()
+try:
+    root = args.photos or fetch_hymenoptera()
+except DatasetUnavailableError as exc:  # offline: digits that come with scikit-learn instead
+    print(f"{exc}\nUsing scikit-learn's handwritten digits instead (installed, no download).")
+    root = write_digits_folder(Path(tempfile.mkdtemp(prefix="skltransfer-quickstart-")) / "digits")
 if (root / "train").is_dir():
     train, y_train = load_image_folder(root / "train")
     test, y_test = load_image_folder(root / "test")
