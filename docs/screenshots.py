@@ -2,7 +2,7 @@
 
     python docs/screenshots.py [--site docs/_build/html] [--out docs/_build/screenshots]
 
-Takes the home page, the API page of PretrainedFeatures and the fine-tuning gallery example,
+Takes the home page, two guide pages, the API page of each estimator and a gallery example,
 at a laptop's window size, and prints where each PNG is. Needs Chromium (Debian: apt-get install
 chromium). Offline: the site is read from disk, and Chromium's background networking is off.
 """
@@ -18,7 +18,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 PAGES = {  # name: (page, window height: the gallery page is long, its figure comes after the code)
     "home.png": ("index.html", 2000),
+    "quickstart.png": ("quickstart.html", 2000),
+    "guide-feature-options.png": ("feature-options.html", 2400),
     "api-pretrainedfeatures.png": ("generated/skltransfer.PretrainedFeatures.html", 2000),
+    "api-finetuneclassifier.png": ("generated/skltransfer.FineTuneClassifier.html", 2000),
     "gallery-finetune-learning-curve.png": ("auto_examples/plot_finetune_learning_curve.html", 3400),
 }
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
