@@ -307,8 +307,8 @@ def _preprocessing_graph(p, opset: int):
 # per axis, PIL's filter weights in float64, normalised per output pixel, scaled to int16 with
 # the most bits that keep the largest weight below 2**15, summed in int32 with half a unit
 # added, shifted down and clamped to 0-255; first along the width, then along the height. The
-# sums run as one MatMulInteger per part of the int16 weights (high byte int8, low byte uint8),
-# exact, and a runtime that reads plain ONNX operators (OpenVINO) computes the same pixels.
+# sums run as one u8 x u8 MatMulInteger over both bytes of the int16 weights (high, low),
+# exact on every CPU, and a runtime that reads plain ONNX operators (OpenVINO) computes the same pixels.
 
 
 def _resize_as_torch(g: _Nodes, pixels: str, rows: tuple[str, str, str, str], columns: tuple[str, str, str, str],
@@ -338,11 +338,16 @@ def _resize_pass(g: _Nodes, pixels: str, weights: str, zero_points: str, kept: s
 
 def _fixed_point_weights(g: _Nodes, size_in: str, size_out: str, start: str, kept: str,
                          interpolation: str) -> tuple[str, str, str, str]:
-    """torch's int16 weights of the kept outputs as one int8 (in, 2 kept) matrix, high bytes then low.
+    """torch's int16 weights of the kept outputs as one uint8 (in, 2 kept) matrix, high bytes then low.
 
-    The low bytes (0-255) are stored less 128 with a zero point of -128, so that
-    one u8 x s8 MatMulInteger (the fast kind) computes both sums exactly. Also
-    returns the zero points, ``kept`` and 2**p (int32).
+    The high bytes (-128..127) are stored plus 128 with a zero point of 128, the
+    low bytes (0..255) as they are with a zero point of 0, so that one u8 x u8
+    MatMulInteger computes both sums exactly. Not u8 x s8: on x86 CPUs
+    without VNNI (AVX2 only: AMD Zen 3, Intel before Ice Lake) ONNX Runtime
+    runs it with VPMADDUBSW, whose 16-bit pair sums saturate (255 x 127 x 2
+    does not fit), which garbled most pixels there; its u8 x u8 kernel
+    accumulates in 32 bits everywhere. Also returns the zero points,
+    ``kept`` and 2**p (int32).
     """
     from onnx import TensorProto, helper
 
@@ -378,17 +383,17 @@ def _fixed_point_weights(g: _Nodes, size_in: str, size_out: str, start: str, kep
                    g.op("Floor", g.op("Add", g.op("Mul", g.op("Abs", weights), unit), g.num(0.5))))
     low = g.op("Sub", rounded, g.op("Mul", g.op("Floor", g.op("Div", rounded, g.num(256.0))), g.num(256.0)))
     high = g.op("Div", g.op("Sub", rounded, low), g.num(256.0))
-    # the K x kept taps into an (in, 2 kept) matrix that starts as the zero points (0 for the high
-    # bytes, -128 for the low ones); taps past the image (weight 0) add 0 to its last row
+    # the K x kept taps into an (in, 2 kept) matrix that starts as the zero points (128 for the high
+    # bytes, 0 for the low ones); taps past the image (weight 0) add 0 to its last row
     index = g.int64(g.op("Min", column, g.op("Sub", n_in, g.num(1.0))))
     none = g.op("Mul", count(kept), g.num(0.0))                                            # (kept,) zeros
-    zero_points = g.op("Concat", none, g.op("Add", none, g.num(-128.0)), axis=0)           # (2 kept,)
+    zero_points = g.op("Concat", g.op("Add", none, g.num(128.0)), none, axis=0)            # (2 kept,)
     start_as = g.op("Add", g.op("ConstantOfShape", g.op("Concat", size_in, g.op("Mul", kept, g.int(2)), axis=0),
                                 value=helper.make_tensor("zero", TensorProto.DOUBLE, [1], [0.0])), zero_points)
     both = g.op("ScatterElements", start_as, g.op("Concat", index, index, axis=1), g.op("Concat", high, low, axis=1),
                 axis=0, reduction="add")
-    zero_points = g.op("Cast", zero_points, to=TensorProto.INT8)
-    return g.op("Cast", both, to=TensorProto.INT8), zero_points, kept, g.op("Cast", unit, to=TensorProto.INT32)
+    zero_points = g.op("Cast", zero_points, to=TensorProto.UINT8)
+    return g.op("Cast", both, to=TensorProto.UINT8), zero_points, kept, g.op("Cast", unit, to=TensorProto.INT32)
 
 
 def _filter(g: _Nodes, x: str, interpolation: str) -> str:
