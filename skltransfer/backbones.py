@@ -102,6 +102,7 @@ def load_backbone(
     layers: str | Sequence[int] = "final",
     tta: str | None = None,
     with_classifier: bool = False,
+    input_size: int | tuple[int, int] | None = None,
 ) -> Backbone:
     """Build a backbone (no caching: see :func:`~skltransfer.registry.shared_backbone`).
 
@@ -123,6 +124,9 @@ def load_backbone(
         ``"flip"`` averages the features of each image and its mirror image.
     with_classifier : bool
         Keep the ImageNet classifier (the model then outputs logits).
+    input_size : None, int or (int, int)
+        The size images are resized to (``None``: the size the weights were
+        trained at); see :meth:`~skltransfer.preprocessing.Preprocessing.with_input_size`.
 
     Returns
     -------
@@ -161,6 +165,7 @@ def load_backbone(
             "backbone must be a timm model name, 'torchvision:<name>' or an "
             f"nn.Module, got {type(backbone).__name__}"
         )
+    preprocessing = preprocessing.with_input_size(input_size)
     if tta == "flip":
         model = FlipAveraged(model)
     # channels_last: 2-3x faster convolutions on CPU (oneDNN) and on CUDA tensor cores.

@@ -69,6 +69,7 @@ def image_batches(
     generator: torch.Generator | None = None,
     drop_last: bool = False,
     pin_memory: bool = False,
+    persistent_workers: bool = False,
 ) -> DataLoader:
     """The one path from image items to ``uint8`` batches, for extraction, training and prediction.
 
@@ -78,7 +79,10 @@ def image_batches(
     Each image is decoded (JPEGs reduced in the DCT down to twice
     ``min_size(h, w)`` where given) and passed through ``geometry`` (the eval
     resize and crop, or a training augmentation), in DataLoader workers when
-    ``num_workers > 0``.
+    ``num_workers > 0``; with ``persistent_workers``, the same workers serve
+    every pass over the loader (training's epochs) instead of starting anew
+    for each, as timm's ``create_loader`` does: starting workers from a
+    process that holds a CUDA context can take seconds.
     """
     return DataLoader(
         _Images(items, geometry, min_size, max_image_pixels),
@@ -89,6 +93,7 @@ def image_batches(
         num_workers=num_workers,
         collate_fn=_collate,
         pin_memory=pin_memory,
+        persistent_workers=persistent_workers and num_workers > 0,
     )
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -135,6 +136,25 @@ class Preprocessing:
     def with_crop(self, crop: str) -> "Preprocessing":
         """The same preprocessing with another resizing policy."""
         return dataclasses.replace(self, crop=crop)
+
+    def with_input_size(self, size: int | tuple[int, int] | list[int] | None) -> "Preprocessing":
+        """The same preprocessing at another input size (``None``: this one).
+
+        As timm's ``resolve_data_config(args={"input_size": ...})`` overrides a
+        model's pretrained size: the resize keeps ``crop_pct``, so the centre
+        crop cuts the same fraction at every size. Convolutional networks with
+        global pooling accept any size; fewer pixels are proportionally less
+        compute.
+
+        Examples
+        --------
+        >>> p = Preprocessing((224, 224), 0.875, "center", "bicubic", (0.5,) * 3, (0.5,) * 3)
+        >>> p.with_input_size(128).input_size, p.with_input_size(128).scale_size
+        ((128, 128), (146, 146))
+        """
+        if size is None:
+            return self
+        return dataclasses.replace(self, input_size=check_input_size(size))
 
     def as_dict(self) -> dict[str, Any]:
         """A plain description (stable across processes; part of cache keys).
@@ -257,3 +277,27 @@ class Preprocessing:
         mean = torch.tensor(self.mean, device=out.device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=out.device).view(1, 3, 1, 1)
         return out.sub_(mean).div_(std)
+
+
+#: The smallest input size accepted: EfficientNets and ResNets downsample 32x.
+MIN_INPUT_SIZE = 32
+
+
+def check_input_size(size: Any) -> tuple[int, int]:
+    """``size`` (an int, or ``(height, width)``) as a ``(height, width)`` tuple, or a ValueError saying why not.
+
+    Examples
+    --------
+    >>> check_input_size(160), check_input_size((128, 96))
+    ((160, 160), (128, 96))
+    """
+    pair = (size, size) if isinstance(size, numbers.Integral) and not isinstance(size, bool) else size
+    try:
+        height, width = pair
+        valid = all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in (height, width))
+    except (TypeError, ValueError):
+        valid = False
+    if not valid or min(int(height), int(width)) < MIN_INPUT_SIZE:
+        raise ValueError(f"input_size must be None, an int or (height, width) of ints >= {MIN_INPUT_SIZE}, "
+                         f"got {size!r}")
+    return int(height), int(width)

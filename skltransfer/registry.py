@@ -27,6 +27,7 @@ from torch import nn
 from .backbones import Backbone, BackboneSpec, load_backbone
 from .fusion import fold_batchnorm
 from .pooling import FlipAveraged
+from .preprocessing import check_input_size
 from .weights import WeightsSpec, weights_digest
 
 __all__ = ["clear_shared_backbones", "forget_inference_copies", "inference_copy", "shared_backbone"]
@@ -48,6 +49,7 @@ def shared_backbone(
     engine: str = "torch",
     precision: str = "float32",
     engine_dir: str | os.PathLike | None = None,
+    input_size: int | tuple[int, int] | None = None,
 ) -> Backbone:
     """Return the process-wide :class:`~skltransfer.backbones.Backbone` for a configuration, building it once.
 
@@ -79,7 +81,8 @@ def shared_backbone(
     else:
         spec = (backbone, _weights_key(weights))
     layers_key = layers if isinstance(layers, str) else tuple(layers)
-    cpu_key = spec + (pooling, layers_key, tta, "cpu")
+    size_key = None if input_size is None else check_input_size(input_size)
+    cpu_key = spec + (pooling, layers_key, tta, size_key, "cpu")
     if engine == "openvino":
         key = cpu_key + ("openvino", precision)  # wherever its conversion is kept, the same model
     else:
@@ -91,7 +94,7 @@ def shared_backbone(
             return table[key]
         base = table.get(cpu_key)
         if base is None:
-            base = load_backbone(backbone, weights, pooling, layers=layers, tta=tta)
+            base = load_backbone(backbone, weights, pooling, layers=layers, tta=tta, input_size=input_size)
             # Registry models only ever compute features: fold BatchNorm into
             # the convolutions (the digest above is of the weights as loaded).
             # Not a user's module: tracing would run its forward, side effects and all.

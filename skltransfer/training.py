@@ -212,6 +212,7 @@ class TrainingPlan:
     max_image_pixels: int | None
     n_iter_no_change: int | None
     freeze_batchnorm: bool
+    ema_epochs: float | None
     autocast_dtype: torch.dtype | None
     class_weights: torch.Tensor | None
     verbose: bool
@@ -242,6 +243,7 @@ class TrainingPlan:
             max_grad_norm=e.max_grad_norm, batch_size=train_batch_size(e.batch_size, device),
             num_workers=e.num_workers, max_image_pixels=e.max_image_pixels,
             n_iter_no_change=e.n_iter_no_change if validated else None, freeze_batchnorm=e.freeze_batchnorm,
+            ema_epochs=e.ema_epochs,
             autocast_dtype=training_autocast_dtype(e.precision, device), class_weights=class_weights,
             verbose=e.verbose, seed=seed,
         )
@@ -452,7 +454,7 @@ def train_classifier(
     loader = image_batches(
         items, geometry, batch_size=plan.batch_size, shuffle=True, generator=loader_rng,
         max_image_pixels=plan.max_image_pixels, num_workers=plan.num_workers,
-        pin_memory=device.type == "cuda", drop_last=len(items) > plan.batch_size,
+        pin_memory=device.type == "cuda", drop_last=len(items) > plan.batch_size, persistent_workers=True,
     )
     if device.type == "cpu":
         tune_allocator()  # torch's activations and gradients, every step
@@ -461,6 +463,8 @@ def train_classifier(
     amp_dtype = plan.autocast_dtype
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and amp_dtype == torch.float16)
     model.to(device=device, memory_format=torch.channels_last)
+    ema = _moving_average(model, plan, max(1, len(loader)))
+    scored = model if ema is None else ema.module  # what each epoch's validation scores and the fit keeps
 
     stale = 0
     rows: list[dict[str, Any]] = [dict(row) for row in history]
@@ -477,7 +481,7 @@ def train_classifier(
         nonlocal stale
         score = (row["valid_accuracy"], -row["valid_loss"])
         if which not in candidates or score > candidates[which][0]:
-            candidates[which] = (score, copy.deepcopy(model.state_dict()), len(rows), correct)
+            candidates[which] = (score, copy.deepcopy(scored.state_dict()), len(rows), correct)
             stale = 0
         elif which == "trained":
             stale += 1
@@ -511,11 +515,13 @@ def train_classifier(
             run += 1
             epoch = sum(1 for r in rows if r["phase"] in ("head", "tune")) + 1
             row = _train_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, trainable, plan,
-                               device, amp_dtype, items, targets, phase, preprocessing, epoch)
+                               device, amp_dtype, items, targets, phase, preprocessing, epoch, ema)
+            if ema is not None:
+                row["averaged"] = True
             if validation is None:
                 rows.append(row)
                 continue
-            metrics, correct = evaluate(model, validation[0], validation[1], preprocessing, weights,
+            metrics, correct = evaluate(scored, validation[0], validation[1], preprocessing, weights,
                                         plan.batch_size, device, plan.max_image_pixels, per_image=True)
             if consider({**row, **metrics}, correct, "trained"):
                 stop = True
@@ -524,8 +530,32 @@ def train_classifier(
     if kept is not None:
         model.load_state_dict(kept[1])
         rows[kept[2]]["best"] = True
+    elif ema is not None and run:
+        model.load_state_dict(ema.module.state_dict())  # no validation: the averaged weights are the result
     model.eval().requires_grad_(False)
     return rows
+
+
+def _moving_average(model: nn.Module, plan: TrainingPlan, steps_per_epoch: int):
+    """timm's ``ModelEmaV3`` of ``model`` over about ``plan.ema_epochs`` epochs of steps, or None.
+
+    The decay is ``1 - 1 / (ema_epochs * steps_per_epoch)``, so the window is
+    the same share of training whatever the data set's size; timm's warm-up
+    (``1 - (1 + step) ** -2/3``, lower early on) lets the average follow the
+    first steps instead of dragging the starting weights along. Averaging
+    smooths the epoch-to-epoch swing of fine-tuning on few images (the
+    validation accuracy of one run moves by several points between epochs),
+    so the state validation keeps, and a refit that repeats the same
+    training, land where the run is on average rather than on one noisy step.
+    """
+    if not plan.ema_epochs:
+        return None
+    from timm.utils import ModelEmaV3
+
+    decay = 1.0 - 1.0 / max(1.0, plan.ema_epochs * steps_per_epoch)
+    ema = ModelEmaV3(model, decay=decay, use_warmup=True)
+    ema.steps = 0  # optimiser steps so far, across phases: what timm's warm-up counts
+    return ema
 
 
 def _choose(candidates: dict) -> tuple | None:
@@ -547,7 +577,7 @@ def _choose(candidates: dict) -> tuple | None:
 
 
 def _train_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, trainable, plan, device,
-                 amp_dtype, items, targets, phase, preprocessing, epoch) -> dict[str, float]:
+                 amp_dtype, items, targets, phase, preprocessing, epoch, ema=None) -> dict[str, float]:
     from tqdm.auto import tqdm
 
     model.train()
@@ -575,6 +605,9 @@ def _train_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, trainable
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
+            if ema is not None:
+                ema.steps += 1
+                ema.update(model, step=ema.steps)
             total_loss += loss.item() * len(target)
             correct += (logits.argmax(1) == target).sum().item()
             seen += len(target)

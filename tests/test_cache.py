@@ -85,6 +85,9 @@ def test_configuration_is_part_of_the_key(image_folder, tmp_path):
     other = cached(tmp_path / "c", pooling="max").fit(paths)
     other.transform(paths)
     assert other.cache_info_.hits == 0
+    smaller = cached(tmp_path / "c", input_size=64).fit(paths)
+    smaller.transform(paths)  # rows at another input size are other numbers
+    assert smaller.cache_info_.hits == 0
     again = cached(tmp_path / "c", batch_size=3, verbose=False).fit(paths)
     again.transform(paths)  # batch size and verbosity do not change the numbers
     assert again.cache_info_.misses == 0

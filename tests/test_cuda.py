@@ -41,3 +41,19 @@ def test_a_model_fitted_on_cuda_transforms_on_cpu(image_folder):
     on_gpu = fitted.transform(paths)
     moved = pickle.loads(pickle.dumps(fitted)).set_params(device="cpu")
     assert _cosine(moved.transform(paths), on_gpu).min() > 0.99
+
+
+@pytest.mark.parametrize("params", [{}, {"ema_epochs": 1.0}], ids=["plain", "ema"])
+def test_a_classifier_fine_tuned_on_cuda_scores_on_a_cpu_only_machine(image_folder, tmp_path, params):
+    import skltransfer
+    from skltransfer import FineTuneClassifier
+
+    paths, y = load_image_folder(image_folder)
+    clf = FineTuneClassifier(TINY, weights=None, epochs=2, batch_size=4, early_stopping=False, random_state=0,
+                             device="cuda", cache=None, **params).fit(paths, y)
+    assert clf.history_[-1]["images_per_second"] > 0
+    on_gpu = clf.predict_proba(paths)  # 16-bit autocast on the GPU
+    skltransfer.save(clf, tmp_path / "model.skops")
+    on_cpu = skltransfer.load(tmp_path / "model.skops").set_params(device="cpu").predict_proba(paths)
+    np.testing.assert_allclose(on_cpu, on_gpu, atol=0.02)
+    assert (on_cpu.argmax(1) == on_gpu.argmax(1)).mean() >= 0.9

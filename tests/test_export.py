@@ -60,8 +60,9 @@ def test_the_graph_preprocesses_as_the_library_does(name):
         np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6, err_msg=f"{name} {height}x{width}")
 
 
-@pytest.mark.parametrize("options", [{}, {"tta": "flip"}, {"layers": [-2, -1], "pooling": "gem"}, {"crop": "pad"}],
-                         ids=["default", "flip", "layers-gem", "pad"])
+@pytest.mark.parametrize("options", [{}, {"tta": "flip"}, {"layers": [-2, -1], "pooling": "gem"}, {"crop": "pad"},
+                                     {"input_size": 64}],
+                         ids=["default", "flip", "layers-gem", "pad", "input-size"])
 def test_an_exported_pipeline_gives_the_pipelines_answers(tmp_path, options):
     X, y = _images(8), np.array(["ant", "bee"] * 4)
     clf = make_pipeline(PretrainedFeatures(TINY, weights=None, cache=None, **options), StandardScaler(),

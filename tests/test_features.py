@@ -189,13 +189,32 @@ def test_several_bad_images_are_listed_in_one_error(image_folder, tmp_path):
 @pytest.mark.parametrize(
     "params, message",
     [({"pooling": "median"}, "pooling"), ({"batch_size": 0}, "batch_size"),
-     ({"device": "tpu"}, "device"), ({"backbone": 3}, "backbone"), ({"precision": "int8"}, "precision")],
+     ({"device": "tpu"}, "device"), ({"backbone": 3}, "backbone"), ({"precision": "int8"}, "precision"),
+     ({"input_size": 16}, "input_size"), ({"input_size": (64, 8)}, "input_size"),
+     ({"input_size": (64, 64, 3)}, "input_size")],
 )
 def test_invalid_parameters_are_refused_at_fit(image_folder, params, message):
     paths, _ = load_image_folder(image_folder)
     f = tiny(**params)  # __init__ stores, never validates
     with pytest.raises((ValueError, TypeError), match=message):
         f.fit(paths)
+
+
+def test_input_size_is_the_size_the_network_sees():
+    from skltransfer.backbones import load_backbone
+
+    images = np.stack([make_image(seed=s, size=(96, 96)) for s in range(3)])
+    f = tiny(input_size=96, crop="none").fit(images)
+    assert f.preprocessing_.input_size == (96, 96)
+    # 96 x 96 images at input_size 96 reach the network as they are: no resize.
+    b = load_backbone(TINY, weights=None)
+    pixels = b.preprocessing.normalize(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous())
+    with torch.no_grad():
+        expected = b.model(pixels).numpy()
+    np.testing.assert_allclose(f.transform(images), expected, rtol=1e-4, atol=1e-5)
+    default = tiny(crop="none").fit(images)
+    assert default.preprocessing_.input_size == (160, 160)  # the weights' own size
+    assert not np.allclose(default.transform(images), expected, atol=1e-3)
 
 
 def test_empty_input_is_refused(image_folder):

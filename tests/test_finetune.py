@@ -169,6 +169,39 @@ def test_the_history_says_which_state_the_model_holds_and_whether_it_was_validat
     assert _final(unsplit.history_) is unsplit.history_[-1]
 
 
+def test_weight_averaging_changes_which_weights_are_kept_not_how_they_train():
+    X, y = _blobs()
+    plain = tiny(epochs=3, early_stopping=False, learning_rate=3e-3).fit(X, y)
+    averaged = tiny(epochs=3, early_stopping=False, learning_rate=3e-3, ema_epochs=1.0).fit(X, y)
+    # The same steps (the average is read, never trained) ...
+    losses = [[h["train_loss"] for h in clf.history_ if h["phase"] == "tune"] for clf in (plain, averaged)]
+    assert len(losses[0]) == 3 and losses[1] == losses[0]
+    assert all(h["averaged"] for h in averaged.history_ if h["phase"] == "tune")
+    # ... but the model keeps their moving average, which is not where the last step left the weights.
+    head = averaged.classifier_ + ".weight"
+    assert not torch.allclose(averaged.model_.state_dict()[head], plain.model_.state_dict()[head])
+    # A window shorter than one step is no average at all.
+    instant = tiny(epochs=3, early_stopping=False, learning_rate=3e-3, ema_epochs=1e-6).fit(X, y)
+    np.testing.assert_allclose(instant.predict_proba(X), plain.predict_proba(X), atol=1e-6)
+
+
+def test_with_weight_averaging_validation_scores_the_averaged_state_the_model_keeps(monkeypatch):
+    from skltransfer.training import evaluate
+
+    X, y = _blobs()
+    _training_wins(monkeypatch)
+    clf = tiny(epochs=2, early_stopping=True, learning_rate=3e-3, ema_epochs=1.0, refit=False).fit(X, y)
+    final = _final(clf.history_)
+    assert final["validated"] and final["averaged"] and final["phase"] == "tune"
+    # The split the fit made (its seed comes from random_state=0), scored again with the model as kept.
+    targets = np.unique(y, return_inverse=True)[1]
+    _, valid = clf._validation_split(targets, int(np.random.RandomState(0).randint(0, 2**31 - 1)))
+    again = evaluate(clf.model_, [X[i] for i in valid], targets[valid], clf.preprocessing_, None, 8,
+                     torch.device("cpu"))
+    assert again["valid_accuracy"] == final["valid_accuracy"]
+    assert again["valid_loss"] == pytest.approx(final["valid_loss"], abs=1e-5)
+
+
 def test_the_same_random_state_gives_the_same_model_on_cpu(data):
     a = tiny(random_state=3, epochs=2).fit(*data).predict_proba(data[0])
     b = tiny(random_state=3, epochs=2).fit(*data).predict_proba(data[0])
@@ -354,6 +387,27 @@ def test_the_head_starts_as_the_readme_pipelines_linear_probe():
     frozen = make_pipeline(PretrainedFeatures(TINY, weights=None, cache=None), LogisticRegression(max_iter=1000))
     np.testing.assert_allclose(clf.predict_proba(X), frozen.fit(X, y).predict_proba(X), atol=1e-5)
     assert clf.history_[0]["phase"] == "probe" and clf.history_[0]["epoch"] == 0
+
+
+def test_input_size_is_the_size_it_trains_probes_and_predicts_at(tmp_path):
+    from sklearn.linear_model import LogisticRegression
+
+    from skltransfer import PretrainedFeatures, load, save
+
+    X, y = _blobs()
+    clf = tiny(epochs=0, early_stopping=False, random_state=5, input_size=64).fit(X, y)
+    assert clf.preprocessing_.input_size == (64, 64)
+    # The probe is the frozen pipeline at that same size, not at the weights' own.
+    frozen = make_pipeline(PretrainedFeatures(TINY, weights=None, cache=None, input_size=64),
+                           LogisticRegression(max_iter=1000))
+    np.testing.assert_allclose(clf.predict_proba(X), frozen.fit(X, y).predict_proba(X), atol=1e-5)
+    trained = tiny(epochs=1, early_stopping=False, input_size=64).fit(X, y)
+    save(trained, tmp_path / "m.skops")
+    loaded = load(tmp_path / "m.skops")
+    assert loaded.preprocessing_.input_size == (64, 64)
+    np.testing.assert_array_equal(loaded.predict_proba(X), trained.predict_proba(X))
+    with pytest.raises(ValueError, match="input_size"):
+        tiny(input_size=8).fit(X, y)
 
 
 def test_when_training_does_not_win_clearly_the_result_is_the_frozen_pipeline():

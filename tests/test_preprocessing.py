@@ -39,3 +39,17 @@ def test_only_the_configurations_whose_pixels_changed_get_a_new_cache_identity()
     assert identity("border", (224, 224))["geometry"] == "timm-eval"
     assert identity("center", (256, 192))["geometry"] == "timm-eval"
     np.testing.assert_equal(identity("center", (224, 224))["input_size"], (224, 224))
+
+
+def test_another_input_size_keeps_the_crop_fraction_and_refuses_what_cannot_run():
+    from skltransfer.preprocessing import check_input_size
+
+    p = Preprocessing((224, 224), 0.875, "center", "bicubic", MEAN, STD)
+    small = p.with_input_size(128)
+    assert small.input_size == (128, 128) and small.crop_pct == p.crop_pct and small.mean == p.mean
+    assert p.with_input_size(None) is p
+    assert p.with_input_size((160, 128)).input_size == (160, 128)
+    assert p.as_dict() != small.as_dict()  # a cache key of its own
+    for bad in (16, 0, (128,), (128, 16), 128.0, True, "128"):
+        with pytest.raises(ValueError, match="input_size"):
+            check_input_size(bad)
