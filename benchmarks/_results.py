@@ -26,13 +26,16 @@ def command() -> str:
     return " ".join(["python", f"benchmarks/{script}", *sys.argv[1:]])
 
 
-def write_results(name: str, figures: dict, table: str, *, directory: Path = RESULTS) -> Path:
-    """Write ``figures`` (with the machine and the command) and ``table`` (Markdown, with a footer)."""
+def write_results(name: str, figures: dict, table: str, *, directory: Path = RESULTS, gpu: str | None = None) -> Path:
+    """Write ``figures`` (with the machine and the command) and ``table`` (Markdown, with a footer).
+
+    ``gpu``: the GPU the figures were computed on (None: no GPU).
+    """
     directory.mkdir(parents=True, exist_ok=True)
-    record = {"machine": machine(), "command": command(), **figures}
+    record = {"machine": machine() + (f", {gpu}" if gpu else ""), "command": command(), **figures}
     path = directory / f"{name}.json"
     path.write_text(json.dumps(record, indent=2) + "\n")
-    footer = f"Machine: {record['machine']}, no GPU. Command: `{record['command']}`."
+    footer = f"Machine: {record['machine']}{'' if gpu else ', no GPU'}. Command: `{record['command']}`."
     (directory / f"{name}.md").write_text(table.rstrip("\n") + "\n\n" + footer + "\n")
     print(f"results: {path} (and {name}.md)", flush=True)
     return path
