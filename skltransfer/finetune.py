@@ -162,7 +162,8 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
     precision : {"auto", "float32", "bfloat16", "float16"}, default="auto"
         Training precision (autocast; the weights stay float32). ``"auto"``:
         bfloat16 on CUDA GPUs that support it, float16 with loss scaling on
-        other GPUs (both unmeasured here), float32 on the CPU. ``"bfloat16"``
+        other GPUs (the bfloat16 path tested on an NVIDIA H200; its speed
+        not benchmarked), float32 on the CPU. ``"bfloat16"``
         on the CPU needs native bfloat16 (AVX-512 BF16 or AMX): measured on
         a Xeon with AMX it trains EfficientNet-Lite0 no faster than float32
         (21 vs 20-25 images/s a step of 32; its depthwise convolutions and

@@ -91,8 +91,12 @@ def resolve_num_workers(num_workers: int | str, device: torch.device) -> int:
     On the CPU the model already uses every core: EfficientNet-Lite0 from
     JPEGs on 2 cores with OpenVINO ran 177 images/s decoding in-process,
     152 with one worker and 151 with two (``benchmarks/extract.py``). On
-    CUDA the model runs on the GPU, and decoding on the CPU's cores keeps it
-    fed (not measured here: no GPU). An int is returned as is.
+    CUDA the model runs on the GPU, and decoding large photos on the CPU's
+    other cores keeps it fed. Workers start anew for every call, which from
+    a process holding a CUDA context takes seconds: on an NVIDIA H200
+    machine, 1,000 CIFAR-size images extracted several times faster with no
+    worker, so small images and small calls are better off with 0. An int
+    is returned as is.
 
     Examples
     --------
