@@ -60,6 +60,21 @@ def test_the_graph_preprocesses_as_the_library_does(name):
         np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6, err_msg=f"{name} {height}x{width}")
 
 
+def test_the_resize_multiplies_unsigned_bytes_only():
+    """u8 x s8 integer products saturate in ONNX Runtime on CPUs without VNNI (AVX2's VPMADDUBSW):
+    the graph must not depend on the CPU it runs on, so every MatMulInteger takes uint8 on both sides."""
+    from onnx import TensorProto, shape_inference
+
+    graph = shape_inference.infer_shapes(_preprocessing_graph(CONFIGS["auto"], 18)).graph
+    types = {v.name: v.type.tensor_type.elem_type for v in [*graph.value_info, *graph.input, *graph.output]}
+    types.update({t.name: t.data_type for t in graph.initializer})
+    types.update({node.output[0]: node.attribute[0].t.data_type for node in graph.node if node.op_type == "Constant"})
+    products = [node for node in graph.node if node.op_type == "MatMulInteger"]
+    assert len(products) == 2  # one per axis
+    for node in products:
+        assert [types.get(name) for name in node.input] == [TensorProto.UINT8] * 4, node.input
+
+
 @pytest.mark.parametrize("options", [{}, {"tta": "flip"}, {"layers": [-2, -1], "pooling": "gem"}, {"crop": "pad"},
                                      {"input_size": 64}],
                          ids=["default", "flip", "layers-gem", "pad", "input-size"])
