@@ -102,11 +102,13 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
         lost 3 points on test (92.2 % against the frozen 95.4 %).
     max_grad_norm : float or None, default=1.0
         Gradient clipping (None: off).
-    ema_epochs : float or None, default=None
+    ema_epochs : float or None, default=1.0
         Average the weights along training: validation scores, and the
         model keeps, an exponential moving average of the trained weights
         over about this many epochs (timm's ``ModelEmaV3``, with its
-        warm-up). None: the weights as the last step left them.
+        warm-up); a refit ends with the same average. It smooths the
+        epoch-to-epoch swing of fine-tuning on few images. None: the
+        weights as the last step left them.
     augment : {"auto", "flip", "noflip", "none"}, bool or callable, default="auto"
         Training geometry (:func:`skltransfer.training.training_augmentation`).
         ``"flip"``: random resized crop (35-100 % of the area) + horizontal
@@ -289,7 +291,7 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
         warmup_epochs: float = 1.0,
         label_smoothing: float = 0.1,
         max_grad_norm: float | None = 1.0,
-        ema_epochs: float | None = None,
+        ema_epochs: float | None = 1.0,
         augment: bool | str | Any = "auto",
         crop: str = "auto",
         input_size: int | tuple[int, int] | None = None,
