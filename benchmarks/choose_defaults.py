@@ -54,11 +54,9 @@ COMMON = {"batch_size": 32, "precision": "float32"}
 CANDIDATES = {
     "defaults": {},
     "refit=False": {"refit": False},
-    "ema_epochs=1": {"ema_epochs": 1.0},
-    "ema_epochs=1, refit=False": {"ema_epochs": 1.0, "refit": False},
-    "learning_rate=5e-5": {"learning_rate": 5e-5},
-    "ema_epochs=1, learning_rate=2e-4": {"ema_epochs": 1.0, "learning_rate": 2e-4},
-    "ema_epochs=1, early_stopping=False": {"ema_epochs": 1.0, "early_stopping": False},
+    "refit_epochs=all": {"refit_epochs": "all"},
+    "refit_epochs=all, learning_rate=5e-5": {"refit_epochs": "all", "learning_rate": 5e-5},
+    "refit_epochs=all, ema_epochs=2": {"refit_epochs": "all", "ema_epochs": 2.0},
 }
 
 

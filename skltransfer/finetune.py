@@ -157,6 +157,14 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
         (on the same schedule), which roughly doubles the fit's time. False keeps
         a fine-tuned winner as trained on the other ``1 - validation_fraction``
         of the images (the probe is refitted either way).
+    refit_epochs : {"kept", "all"}, default="kept"
+        How long a fine-tuned winner trains again on every image.
+        ``"kept"``: as many epochs as the state the validation split kept.
+        ``"all"``: the whole schedule (``head_epochs + epochs``), as a fit
+        without a split would; the split then decides only whether
+        fine-tuning beats the probe, not for how long to train, which a
+        small split decides noisily (on 200 images the best epoch moves by
+        several between seeds).
     batch_size : int or "auto", default="auto"
         Images per training step (32 on CPU, 64 on CUDA); prediction uses
         :class:`~skltransfer.PretrainedFeatures`' choice (6 at 224 x 224 on CPU).
@@ -262,6 +270,7 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
         "validation_fraction": [Interval(Real, 0, 1, closed="neither")],
         "n_iter_no_change": [Interval(Integral, 1, None, closed="left")],
         "refit": ["boolean"],
+        "refit_epochs": [StrOptions({"kept", "all"})],
         "batch_size": [Interval(Integral, 1, None, closed="left"), StrOptions({"auto"})],
         "device": [str, torch.device],
         "precision": [StrOptions({"auto", *PRECISIONS})],
@@ -302,6 +311,7 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
         validation_fraction: float = 0.2,
         n_iter_no_change: int = 3,
         refit: bool = True,
+        refit_epochs: str = "kept",
         batch_size: int | str = "auto",
         device: str | torch.device = "auto",
         precision: str = "auto",
@@ -338,6 +348,7 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
         self.validation_fraction = validation_fraction
         self.n_iter_no_change = n_iter_no_change
         self.refit = refit
+        self.refit_epochs = refit_epochs
         self.batch_size = batch_size
         self.device = device
         self.precision = precision
@@ -396,6 +407,7 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
         outcome = fine_tune(model, classifier, self.unfreeze, items, targets, preprocessing,
                             self._augmentation(preprocessing), plan, device, split=split, features=features,
                             class_weight=self.class_weight, refit=self.refit,
+                            refit_epochs=self.refit_epochs,
                             history=self.history_ if continuing else ())
         self.model_ = model.to("cpu") if device.type != "cpu" else model
         forget_inference_copies(self.model_)  # warm_start trained the same module further

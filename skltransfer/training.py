@@ -260,7 +260,8 @@ class FineTuning:
 def fine_tune(model: nn.Module, classifier: str, unfreeze: Any, items: Sequence[Any], targets: np.ndarray,
               preprocessing: Preprocessing, augment: Callable | None, plan: TrainingPlan, device: torch.device, *,
               split: tuple[np.ndarray, np.ndarray] | None = None, features: np.ndarray | None = None,
-              class_weight: Any = None, refit: bool = True, history: Sequence[dict[str, Any]] = ()) -> FineTuning:
+              class_weight: Any = None, refit: bool = True, refit_epochs: str = "kept",
+              history: Sequence[dict[str, Any]] = ()) -> FineTuning:
     """The fine-tuning protocol, in one place: probe, train, choose, refit.
 
     1. **Probe** (with ``features``, the frozen features of every item): a
@@ -270,8 +271,9 @@ def fine_tune(model: nn.Module, classifier: str, unfreeze: Any, items: Sequence[
     3. **Choose**: the best trained state, unless the probe is as good
        (``_choose``); the kept row is marked ``best``.
     4. **Refit** (``refit`` with a split): on every item, what won: the
-       probe refitted, or the same training again for as many epochs as the
-       kept state had, from the same starting weights and seed. Its epochs
+       probe refitted, or the same training again from the same starting
+       weights and seed, for as many epochs as the kept state had
+       (``refit_epochs="kept"``) or the whole schedule (``"all"``). Its epochs
        join the history as ``phase="refit"`` and the kept row gets
        ``refitted``.
 
@@ -306,11 +308,13 @@ def fine_tune(model: nn.Module, classifier: str, unfreeze: Any, items: Sequence[
         set_linear_head(model, classifier, linear_probe(features, targets, n_classes, class_weight=class_weight))
         best["refitted"] = True
     elif best is not None and initial is not None:
-        # Training won: the same training again on every image, for as many epochs as the kept state had.
+        # Training won: the same training again on every image, for as many epochs as the kept state had
+        # ("kept") or for the whole schedule ("all": the split chose fine-tuning, not its length).
         model.load_state_dict(initial)
         if features is not None:
             set_linear_head(model, classifier, linear_probe(features, targets, n_classes, class_weight=class_weight))
-        again = dataclasses.replace(plan, n_iter_no_change=None, stop_after=int(best["epoch"]) - trained_before)
+        length = None if refit_epochs == "all" else int(best["epoch"]) - trained_before
+        again = dataclasses.replace(plan, n_iter_no_change=None, stop_after=length)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(plan.seed)
             refitted = train_classifier(model, classifier, unfreeze, items, targets, preprocessing, augment,

@@ -148,6 +148,30 @@ def test_a_fine_tuned_winner_is_refitted_on_every_image(monkeypatch):
     assert not np.allclose(kept.predict_proba(X), unsplit.predict_proba(X))
 
 
+def test_refit_epochs_all_trains_the_whole_schedule_whatever_epoch_the_split_kept(monkeypatch):
+    from skltransfer import training
+
+    X, y = _blobs()
+    _training_wins(monkeypatch)
+    # Validation scores fall after epoch 1, so the split keeps epoch 1 of 3.
+    scores = iter([0.5, 0.9, 0.8, 0.7] * 2)
+
+    def falling(model, items, targets, *args, **kwargs):
+        return {"valid_loss": 1.0, "valid_accuracy": next(scores)}, np.ones(len(targets), bool)
+
+    monkeypatch.setattr(training, "evaluate", falling)
+    params = dict(epochs=3, early_stopping=True, learning_rate=1e-3, n_iter_no_change=5, random_state=0)
+    kept = tiny(**params).fit(X, y)
+    whole = tiny(**params, refit_epochs="all").fit(X, y)
+    assert kept.best_epoch_ == whole.best_epoch_ == 1
+    refit_rows = [[h["epoch"] for h in clf.history_ if h["phase"] == "refit"] for clf in (kept, whole)]
+    assert refit_rows == [[1], [1, 2, 3]]
+    assert _final(whole.history_)["phase"] == "refit" and _final(whole.history_)["validated"] is False
+    # The whole schedule on every image: the same model as a fit that holds nothing out.
+    unsplit = tiny(epochs=3, early_stopping=False, learning_rate=1e-3, random_state=0).fit(X, y)
+    np.testing.assert_array_equal(whole.predict_proba(X), unsplit.predict_proba(X))
+
+
 def _final(history):
     rows = [h for h in history if h.get("final")]
     assert len(rows) == 1, "exactly one row holds the state the model ends with"
