@@ -168,6 +168,8 @@ def means(rows: list[dict], seeds: list[int], sets: list[str]) -> tuple[dict, di
 def pick(frozen: dict, tuned: dict, sets: list[str], order: list[str]) -> tuple[str | None, dict]:
     """The rule: eligible on every set of ``sets``, then the highest mean gain over frozen."""
     verdicts = {}
+    if not sets:  # leaving the only deciding set out leaves nothing to decide on
+        return None, verdicts
     for name in order:
         cells = tuned.get(name, {})
         if not all(s in cells and s in frozen for s in sets):
