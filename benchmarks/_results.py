@@ -26,13 +26,16 @@ def command() -> str:
     return " ".join(["python", f"benchmarks/{script}", *sys.argv[1:]])
 
 
-def write_results(name: str, figures: dict, table: str, *, directory: Path = RESULTS, gpu: str | None = None) -> Path:
+def write_results(name: str, figures: dict, table: str, *, directory: Path = RESULTS, gpu: str | None = None,
+                  measured_on: str | None = None) -> Path:
     """Write ``figures`` (with the machine and the command) and ``table`` (Markdown, with a footer).
 
-    ``gpu``: the GPU the figures were computed on (None: no GPU).
+    ``gpu``: the GPU the figures were computed on (None: no GPU). ``measured_on``: the machine,
+    where the figures were measured elsewhere (rows of another machine's log, tabled here).
     """
     directory.mkdir(parents=True, exist_ok=True)
-    record = {"machine": machine() + (f", {gpu}" if gpu else ""), "command": command(), **figures}
+    where = measured_on or machine() + (f", {gpu}" if gpu else "")
+    record = {"machine": where, "command": command(), **figures}
     path = directory / f"{name}.json"
     path.write_text(json.dumps(record, indent=2) + "\n")
     footer = f"Machine: {record['machine']}{'' if gpu else ', no GPU'}. Command: `{record['command']}`."

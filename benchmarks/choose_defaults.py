@@ -27,7 +27,10 @@ this many seconds no new deciding fit starts, and candidates with a missing fit 
 On a GPU keep ``--num-workers 0``: on an NVIDIA H200 machine (16 cores), one fit alone trained
 at several times the speed it reached with decoding workers, which start anew for every pass
 and every call; and 8 fits at once there left each one CPU-bound, so a handful of jobs is
-the most that pays.
+the most that pays. Even so, with 5 jobs and no workers there, a CIFAR-10 fit took 110-200 s and
+a digits fit 270-300 s (the frozen pipeline alone: 30-100 s): one 600 s call holds about one
+candidate on the four sets, so run a few candidates a call, each call with ``--results`` of its
+own, and table the logs together with ``--from-log`` (rows carry the machine they ran on).
 """
 
 from __future__ import annotations
@@ -94,7 +97,10 @@ def _job(kind: str, set_name: str, candidate: str, params: dict, seed: int, data
         score = float(model.score(test, y_test))
     import torch
 
-    row = {"gpu": torch.cuda.get_device_name() if device != "cpu" and torch.cuda.is_available() else None,
+    from _results import machine
+
+    row = {"machine": machine(),
+           "gpu": torch.cuda.get_device_name() if device != "cpu" and torch.cuda.is_available() else None,
            "kind": kind, "set": set_name, "candidate": candidate, "params": {k: repr(v) for k, v in params.items()},
            "seed": seed, "score": score, "fit_seconds": seconds}
     if kind == "finetune":
@@ -213,10 +219,14 @@ def main() -> None:
     deadline = start + args.deadline if args.deadline else None
     args.out.mkdir(parents=True, exist_ok=True)
     log = args.out / f"{args.results}.jsonl"
-    replay = None
+    replay, measured_on = None, None
     if args.from_log:
         replay = [json.loads(line) for line in args.from_log.read_text().splitlines() if line.strip()]
         gpu = replay[0].get("gpu", gpu)
+        # the log's machine (rows written before rows named it: the GPU's machine, cores unknown here)
+        measured_on = replay[0].get("machine", "a machine with an " + gpu if gpu else None)
+        if measured_on and gpu and gpu not in measured_on:
+            measured_on += f", {gpu}"
     elif log.exists():
         log.unlink()
     runner = Runner(args, log, replay)
@@ -272,7 +282,7 @@ def main() -> None:
                "verdicts": verdicts, "pick": chosen, "leave_one_set_out": loso, "confirm": confirm,
                "input_size": size, "rows": runner.rows, "seconds": time.monotonic() - start}
     write_results(args.results, figures, table(runner.rows, args.seeds, args.sets, frozen, verdicts, chosen, loso),
-                  directory=args.out, gpu=gpu)
+                  directory=args.out, gpu=gpu, measured_on=measured_on)
 
 
 def table(rows, seeds, sets, frozen, verdicts, chosen, loso) -> str:
