@@ -10,7 +10,7 @@ throughput vs a hand-written timm training loop with the same settings; last, pr
 through the folded copy predict uses vs through the model as trained.
 
     python benchmarks/finetune.py [--data ../shared/data] [--sets hymenoptera flowers5 cifar10 digits]
-        [--seeds 0 1 2] [--param learning_rate=2e-4 ...] [--skip accuracy speed predict]
+        [--seeds 0 1 2] [--param learning_rate=2e-4 ...] [--skip accuracy speed predict] [--jobs 1]
 
 Sets: hymenoptera (its train/test folders), flowers5 at 100 a class (the first 100 a class of a
 stable 80/20 hash split; tested on that split's 859), cifar10-dev (train/test folders), digits
@@ -85,25 +85,38 @@ def load_set(name: str, data: Path, tmp: Path):
     raise ValueError(f"unknown set {name!r}")
 
 
-def compare(name, train, test, y_train, y_test, seeds, params) -> dict:
+def fit_one_seed(name, train, test, y_train, y_test, seed, params, threads=None) -> dict:
+    """One ``FineTuneClassifier`` fit and its test score (in a process of its own with ``--jobs``)."""
+    if threads:
+        torch.set_num_threads(threads)
+    clf = FineTuneClassifier(random_state=seed, **params)
+    start = time.perf_counter()
+    clf.fit(train, y_train)
+    seconds = time.perf_counter() - start
+    score = clf.score(test, y_test)
+    valid = " ".join(f"{h['epoch']}:{h['valid_accuracy']:.3f}" for h in clf.history_ if "valid_accuracy" in h)
+    speeds = [h["images_per_second"] for h in clf.history_ if h["phase"] != "probe"]
+    print(f"{name:<12} seed {seed}: FineTuneClassifier {score:6.1%} ({seconds:4.0f} s, "
+          f"{np.mean(speeds) if speeds else float('nan'):4.1f} training images/s), "
+          f"kept epoch {clf.best_epoch_}; validation {valid}", flush=True)
+    return {"score": score, "seconds": seconds, "kept": int(clf.best_epoch_)}
+
+
+def compare(name, train, test, y_train, y_test, seeds, params, jobs: int = 1) -> dict:
     frozen = make_pipeline(PretrainedFeatures(), LogisticRegression(max_iter=1000)).fit(train, y_train)
     base = frozen.score(test, y_test)
     print(f"{name:<12} {len(train)} train / {len(test)} test; frozen README pipeline: {base:6.1%}", flush=True)
-    scores, times, kept = [], [], []
-    for seed in seeds:
-        clf = FineTuneClassifier(random_state=seed, **params)
-        start = time.perf_counter()
-        clf.fit(train, y_train)
-        seconds = time.perf_counter() - start
-        score = clf.score(test, y_test)
-        scores.append(score)
-        times.append(seconds)
-        kept.append(int(clf.best_epoch_))
-        valid = " ".join(f"{h['epoch']}:{h['valid_accuracy']:.3f}" for h in clf.history_ if "valid_accuracy" in h)
-        speeds = [h["images_per_second"] for h in clf.history_ if h["phase"] != "probe"]
-        print(f"{name:<12} seed {seed}: FineTuneClassifier {score:6.1%} ({seconds:4.0f} s, "
-              f"{np.mean(speeds) if speeds else float('nan'):4.1f} training images/s), "
-              f"kept epoch {clf.best_epoch_}; validation {valid}", flush=True)
+    data = (name, train, test, y_train, y_test)
+    if jobs > 1:  # seeds at once, one process each, the cores shared out between them
+        from concurrent.futures import ProcessPoolExecutor
+        from multiprocessing import get_context
+
+        threads = max(1, torch.get_num_threads() // jobs)
+        with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
+            fits = list(pool.map(fit_one_seed, *zip(*[(*data, seed, params, threads) for seed in seeds])))
+    else:
+        fits = [fit_one_seed(*data, seed, params) for seed in seeds]
+    scores, times, kept = [f["score"] for f in fits], [f["seconds"] for f in fits], [f["kept"] for f in fits]
     print(f"{name:<12} mean of {len(seeds)} seeds: {np.mean(scores):6.1%} vs frozen {base:6.1%} "
           f"({100 * (np.mean(scores) - base):+.1f} points), {np.mean(times):.0f} s a fit", flush=True)
     return {"set": name, "train_images": len(train), "test_images": len(test), "frozen": base,
@@ -141,13 +154,15 @@ def main() -> None:
     parser.add_argument("--param", nargs="*", default=[], help="FineTuneClassifier parameters, key=value")
     parser.add_argument("--skip", nargs="*", default=[], help="accuracy, speed or predict")
     parser.add_argument("--results", default="finetune", help="name of the results file (accuracy part)")
+    parser.add_argument("--jobs", type=int, default=1, help="seeds fitted at once (one process each)")
     args = parser.parse_args()
     params = parse_params(args.param)
     print(f"CPU: {cpu_model()}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"FineTuneClassifier({', '.join(f'{k}={v!r}' for k, v in params.items())})", flush=True)
     if "accuracy" not in args.skip:
         with tempfile.TemporaryDirectory() as tmp:
-            rows = [compare(name, *load_set(name, args.data, Path(tmp)), args.seeds, params) for name in args.sets]
+            rows = [compare(name, *load_set(name, args.data, Path(tmp)), args.seeds, params, args.jobs)
+                    for name in args.sets]
         write_results(args.results, {"parameters": {k: repr(v) for k, v in params.items()}, "sets": rows},
                       finetune_table(rows))
     if "speed" not in args.skip:
