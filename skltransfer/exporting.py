@@ -307,11 +307,11 @@ def _preprocessing_graph(p, opset: int):
 # per axis, PIL's filter weights in float64, normalised per output pixel, scaled to int16 with
 # the most bits that keep the largest weight below 2**15, summed in int32 with half a unit
 # added, shifted down and clamped to 0-255; first along the width, then along the height. Each
-# output pixel gathers its few input pixels (its taps) and sums their products in int32: exact
-# on every CPU, and a runtime that reads plain ONNX operators (OpenVINO) computes the same
-# pixels. (A dense integer matrix product, every input pixel times a mostly-zero weight, did the
-# same sums with 20-200x the multiplications: for a 500 x 375 photo about 0.37 G, near what
-# EfficientNet-Lite0 itself computes.)
+# output pixel gathers its few input pixels (its taps), and one batched u8 x u8 MatMulInteger
+# sums them against the weights' bytes: exact in int32 on every CPU, and a runtime that reads
+# plain ONNX operators (OpenVINO) computes the same pixels. (A dense product, every input pixel
+# times a mostly-zero weight matrix, did the same sums with 20-200x the multiplications; int32
+# Mul and ReduceSum over the gathered taps were slower than either, in ONNX Runtime's kernels.)
 
 
 def _resize_as_torch(g: _Nodes, pixels: str, rows: tuple[str, str, str, str], columns: tuple[str, str, str, str],
@@ -320,8 +320,8 @@ def _resize_as_torch(g: _Nodes, pixels: str, rows: tuple[str, str, str, str], co
 
     ``rows`` and ``columns`` are (input size, resized size, first kept, number kept):
     only the kept output pixels are computed (each depends on its own weights alone).
-    Each pass works on the axis it resizes laid out first, where gathering a tap
-    copies a whole block (ONNX Runtime's Gather on an inner axis goes element by
+    Each pass works on a 2-D layout with the axis it resizes first, where gathering a
+    tap copies a whole row (ONNX Runtime's Gather on an inner axis goes element by
     element), and every transpose swaps two axes or moves whole rows (the fast ones).
     """
     shape = g.op("Shape", pixels)
@@ -333,39 +333,46 @@ def _resize_as_torch(g: _Nodes, pixels: str, rows: tuple[str, str, str, str], co
     planes_rows = g.op("Reshape", g.op("Transpose", wide, perm=[1, 0]),                    # (N 3, H, w)
                        g.op("Concat", planes, height, g.int(-1), axis=0))
     by_row = g.op("Transpose", planes_rows, perm=[1, 0, 2])                                # (H, N 3, w)
-    tall = _resize_pass(g, by_row, *_fixed_point_weights(g, *rows, interpolation))         # (h, N 3, w)
-    out = g.op("Transpose", tall, perm=[1, 0, 2])                                          # (N 3, h, w)
+    by_row = g.op("Reshape", by_row, g.op("Concat", height, g.int(-1), axis=0))           # (H, N 3 w)
+    tall = _resize_pass(g, by_row, *_fixed_point_weights(g, *rows, interpolation))         # (h, N 3 w)
+    out = g.op("Transpose", g.op("Reshape", tall, g.op("Concat", g.int(0), planes, g.int(-1), axis=0)),
+               perm=[1, 0, 2])                                                             # (N 3, h, w)
     return g.op("Reshape", out, g.op("Concat", n, g.int(3), g.op("Shape", out, start=1), axis=0))
 
 
 def _resize_pass(g: _Nodes, pixels: str, index: str, weights: str, unit: str) -> str:
-    """The first axis resized: each output pixel's taps gathered, times their int16 weights, summed in int32."""
+    """The first axis of a 2-D (in, R) uint8 array resized: (kept, R).
+
+    Each output pixel's K taps are gathered, (kept, K, R), and one batched u8 x u8
+    MatMulInteger with the (kept, 3, K) rows of :func:`_fixed_point_weights`
+    sums, per output pixel, its taps times the high bytes + 128, times the low
+    bytes, and plain; the int16 weights' sum is then ``256 (high - 128 plain) + low``,
+    exact in int32.
+    """
     from onnx import TensorProto
 
-    taps = g.op("Gather", pixels, index, axis=0)                                        # (kept, K, ...)
-    rest = g.op("Sub", g.op("Size", g.op("Shape", pixels)), g.int(1))                   # the trailing axes
-    ones = g.op("ConstantOfShape", rest, value=_int64_tensor(1))
-    weights = g.op("Reshape", weights, g.op("Concat", g.op("Shape", weights), ones, axis=0))  # (kept, K, 1, ...)
-    products = g.op("Mul", g.op("Cast", taps, to=TensorProto.INT32), weights)
-    total = g.op("ReduceSum", products, g.int(1), keepdims=0)                           # (kept, ...)
+    taps = g.op("Gather", pixels, index, axis=0)                                        # (kept, K, R)
+    sums = g.op("MatMulInteger", weights, taps)                                         # (kept, 3, R) int32
+    high, low, plain = (g.op("Squeeze", g.op("Slice", sums, g.int(row), g.int(row + 1), g.int(1)), g.int(1))
+                        for row in range(3))
+    high = g.op("Sub", high, g.op("Mul", plain, g.const(128, np.int32)))
+    total = g.op("Add", g.op("Mul", high, g.const(256, np.int32)), low)
     total = g.op("Add", total, g.op("Div", unit, g.const(2, np.int32)))    # + 2**(p - 1), then >> p
     shifted = g.op("Div", total, unit)   # truncates; a negative sum clamps to 0 either way
     return g.op("Cast", g.op("Clip", shifted, g.const(0, np.int32), g.const(255, np.int32)), to=TensorProto.UINT8)
-
-
-def _int64_tensor(value: int):
-    from onnx import TensorProto, helper
-
-    return helper.make_tensor("value", TensorProto.INT64, [1], [value])
 
 
 def _fixed_point_weights(g: _Nodes, size_in: str, size_out: str, start: str, kept: str,
                          interpolation: str) -> tuple[str, str, str]:
     """torch's int16 weights of the kept outputs, with the input pixel each one multiplies.
 
-    Returns the input indices (kept, K) int64 and the weights (kept, K)
-    int32, K the most taps an output pixel has (a tap past the image has
-    weight 0 and the last pixel's index), and 2**p (int32).
+    Returns the input indices (kept, K) int64, K the most taps an output
+    pixel has (a tap past the image has weight 0 and the last pixel's index);
+    the weights as (kept, 3, K) uint8 rows: the high bytes + 128 (-128..127
+    stored as 0..255), the low bytes (0..255) and ones, for one u8 x u8
+    MatMulInteger (:func:`_resize_pass`); and 2**p (int32). Not u8 x s8: on
+    x86 CPUs without VNNI (AVX2 only: AMD Zen 3, Intel before Ice Lake)
+    ONNX Runtime runs that with VPMADDUBSW, whose 16-bit pair sums saturate.
     """
     from onnx import TensorProto
 
@@ -400,9 +407,12 @@ def _fixed_point_weights(g: _Nodes, size_in: str, size_out: str, start: str, kep
     rounded = g.op("Mul", g.op("Sign", weights),   # round half away from zero, as C's (int)(v +- 0.5)
                    g.op("Floor", g.op("Add", g.op("Mul", g.op("Abs", weights), unit), g.num(0.5))))
     index = g.int64(g.op("Min", column, g.op("Sub", n_in, g.num(1.0))))
-    weights = g.op("Cast", rounded, to=TensorProto.INT32)
-    return (g.op("Transpose", index, perm=[1, 0]), g.op("Transpose", weights, perm=[1, 0]),
-            g.op("Cast", unit, to=TensorProto.INT32))
+    low = g.op("Sub", rounded, g.op("Mul", g.op("Floor", g.op("Div", rounded, g.num(256.0))), g.num(256.0)))
+    high = g.op("Div", g.op("Sub", rounded, low), g.num(256.0))                           # -128..127
+    rows = g.op("Concat", *(g.op("Unsqueeze", r, g.int(0)) for r in (
+        g.op("Add", high, g.num(128.0)), low, g.op("Add", g.op("Mul", low, g.num(0.0)), g.num(1.0)))), axis=0)
+    weights = g.op("Transpose", g.op("Cast", rows, to=TensorProto.UINT8), perm=[2, 0, 1])  # (kept, 3, K)
+    return g.op("Transpose", index, perm=[1, 0]), weights, g.op("Cast", unit, to=TensorProto.INT32)
 
 
 def _filter(g: _Nodes, x: str, interpolation: str) -> str:
