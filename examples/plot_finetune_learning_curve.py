@@ -17,14 +17,16 @@ gallery runs it on 140 digits for at most 4 epochs (``--max-images 140 --epochs 
 build in well under a minute; the figure's title says which state that small run kept.
 
 Small images train faster at a smaller input (``--input-size 160``: about half the
-compute of 224), and ``--ema-epochs 1`` scores and keeps a moving average of the
-weights, which smooths the epoch-to-epoch swing of the validation curve; compare the
-curves with and without them on your images.
+compute of 224). By default each epoch is scored, and kept, as a moving average of the
+weights over about one epoch (``--ema-epochs 0``: the raw weights, whose validation curve
+swings more). ``--refit-epochs all`` refits a fine-tuned winner for the whole schedule
+instead of for as many epochs as the kept state had; compare the curves and the test
+accuracy on your images.
 
 Usage::
 
     python examples/plot_finetune_learning_curve.py [IMAGES_DIR] [--max-images 600] [--epochs 8]
-        [--input-size 160] [--ema-epochs 1] [--out learning_curve.png]
+        [--input-size 160] [--ema-epochs 1] [--refit-epochs kept|all] [--out learning_curve.png]
 """
 
 import argparse
@@ -45,7 +47,8 @@ parser.add_argument("images", nargs="?", type=Path, help="a folder with train/ a
 parser.add_argument("--max-images", type=int, default=600, help="digits to use (without IMAGES_DIR)")
 parser.add_argument("--epochs", type=int, default=8, help="most fine-tuning epochs (FineTuneClassifier's default: 8)")
 parser.add_argument("--input-size", type=int, help="the size the network sees (default: the weights' own, 224)")
-parser.add_argument("--ema-epochs", type=float, help="average the weights over about this many epochs")
+parser.add_argument("--ema-epochs", type=float, help="average the weights over about this many epochs (0: none)")
+parser.add_argument("--refit-epochs", choices=["kept", "all"], help="how long a fine-tuned winner is refitted")
 parser.add_argument("--out", default="learning_curve.png")
 args, _ = parser.parse_known_args()  # sphinx-gallery passes its own arguments
 
@@ -58,14 +61,17 @@ with tempfile.TemporaryDirectory() as tmp:
         train, y_train = load_image_folder(args.images / "train")
         test, y_test = load_image_folder(args.images / "test")
         what = str(args.images)
-    clf = FineTuneClassifier(epochs=args.epochs, input_size=args.input_size, ema_epochs=args.ema_epochs,
-                             random_state=0).fit(train, y_train)
+    chosen = {k: v for k, v in (("input_size", args.input_size), ("refit_epochs", args.refit_epochs)) if v is not None}
+    if args.ema_epochs is not None:
+        chosen["ema_epochs"] = args.ema_epochs or None  # 0: no averaging
+    clf = FineTuneClassifier(epochs=args.epochs, random_state=0, **chosen).fit(train, y_train)
     accuracy = clf.score(test, y_test)
 
 # %%
 # The probe is epoch 0; the dotted line marks the state that was kept. (When a
-# fine-tuned state wins, ``fit`` then repeats those epochs on every image:
-# ``phase="refit"`` rows, with no validation scores, not plotted here.)
+# fine-tuned state wins, ``fit`` then trains it again on every image, for as many
+# epochs, or the whole schedule with ``refit_epochs="all"``: ``phase="refit"`` rows,
+# with no validation scores, not plotted here.)
 history = [h for h in clf.history_ if h["phase"] != "refit"]
 epochs = [h["epoch"] for h in history]
 fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -86,10 +92,11 @@ loss_ax.set_ylabel("cross-entropy")
 acc_ax.set_ylabel("accuracy")
 kept = "the frozen pipeline (probe)" if clf.best_epoch_ == 0 else f"fine-tuned, epoch {clf.best_epoch_}"
 acc_ax.set_title(f"test accuracy {accuracy:.1%}: {kept}", fontsize=10)
-options = ", ".join(f"{k}={v}" for k, v in (("input_size", args.input_size), ("ema_epochs", args.ema_epochs))
-                    if v is not None)
+options = ", ".join(f"{k}={v!r}" for k, v in chosen.items())
 fig.suptitle(f"FineTuneClassifier({options}) on {what}", fontsize=11)
 fig.tight_layout()
 fig.savefig(args.out, dpi=110)
-print(f"probe (epoch 0) validation accuracy {history[0]['valid_accuracy']:.1%}; kept epoch {clf.best_epoch_}")
+refits = sum(h["phase"] == "refit" for h in clf.history_)
+print(f"probe (epoch 0) validation accuracy {history[0]['valid_accuracy']:.1%}; kept epoch {clf.best_epoch_}; "
+      f"refitted for {refits} epochs")
 print(f"test accuracy {accuracy:.1%} on {len(test)} images; wrote {args.out}")
