@@ -7,10 +7,13 @@ time, the epoch it kept (0: the probe, i.e. the frozen pipeline) and the validat
 every epoch (the held-out part of the *training* images: what chooses defaults; each test
 split is scored once per fit, at the end). Then FineTuneClassifier's per-epoch training
 throughput vs a hand-written timm training loop with the same settings; last, prediction speed
-through the folded copy predict uses vs through the model as trained.
+through the folded copy predict uses vs through the model as trained. With ``--fit-time``, one
+cifar10-dev fit with every core, the defaults and then the ``--param`` setting, timed in the same
+run (``results/finetune_fit_time``).
 
     python benchmarks/finetune.py [--data ../shared/data] [--sets hymenoptera flowers5 cifar10 digits]
         [--seeds 0 1 2] [--param learning_rate=2e-4 ...] [--skip accuracy speed predict] [--jobs 1]
+        [--fit-time]
 
 Sets: hymenoptera (its train/test folders), flowers5 at 100 a class (the first 100 a class of a
 stable 80/20 hash split; tested on that split's 859), cifar10-dev (train/test folders), digits
@@ -155,6 +158,8 @@ def main() -> None:
     parser.add_argument("--skip", nargs="*", default=[], help="accuracy, speed or predict")
     parser.add_argument("--results", default="finetune", help="name of the results file (accuracy part)")
     parser.add_argument("--jobs", type=int, default=1, help="seeds fitted at once (one process each)")
+    parser.add_argument("--fit-time", action="store_true",
+                        help="also time one cifar10-dev fit with every core: the defaults, then --param")
     args = parser.parse_args()
     params = parse_params(args.param)
     print(f"CPU: {cpu_model()}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
@@ -179,6 +184,37 @@ def main() -> None:
                       f"augmentation, BatchNorm handling and optimiser ({theirs:.1f} images/s).")
     if "predict" not in args.skip:
         prediction_speed(args.data / "hymenoptera")
+    if args.fit_time:
+        fit_time(args.data, params)
+
+
+def fit_time(data: Path, params: dict, seed: int = 0) -> None:
+    """How long a 1,000-image fit of 32 px images takes (cifar10-dev, seed 0, every core): the defaults, then ``params``.
+
+    One after the other in one run, so the ratio compares; the test score of that one seed is
+    printed beside it (the accuracy of a setting is the mean of seeds in the accuracy tables).
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        train, test, y_train, y_test = load_set("cifar10", data, Path(tmp))
+    settings = {"defaults": {}, ", ".join(f"{k}={v!r}" for k, v in params.items()) or "defaults again": params}
+    rows = []
+    for label, setting in settings.items():
+        clf = FineTuneClassifier(random_state=seed, **setting)
+        start = time.perf_counter()
+        clf.fit(train, y_train)
+        seconds = time.perf_counter() - start
+        rows.append({"setting": label, "seconds": seconds, "score": clf.score(test, y_test),
+                     "kept_epoch": int(clf.best_epoch_)})
+        print(f"cifar10-dev fit, {torch.get_num_threads()} threads, {label}: {seconds:.0f} s "
+              f"(test {rows[-1]['score']:.1%}, kept epoch {clf.best_epoch_})", flush=True)
+    ratio = rows[1]["seconds"] / rows[0]["seconds"]
+    lines = ["| setting | fit time | test accuracy, this seed | kept epoch |", "|---|---|---|---|"]
+    lines += [f"| {r['setting']} | {r['seconds']:.0f} s ({r['seconds'] / 60:.1f} min) | {r['score']:.1%} | "
+              f"{r['kept_epoch']} |" for r in rows]
+    lines += ["", f"A 1,000-image fit of 32 px images (cifar10-dev, `random_state={seed}`) with "
+              f"{torch.get_num_threads()} threads: {ratio:.2f}x the defaults' time."]
+    write_results("finetune_fit_time", {"threads": torch.get_num_threads(), "seed": seed, "fits": rows,
+                                        "ratio": ratio}, "\n".join(lines))
 
 
 def prediction_speed(folder: Path, repeats: int = 3) -> None:
