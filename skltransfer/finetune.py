@@ -136,8 +136,11 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
         validation scores every epoch and the model predicts (progressive
         resizing, as fastai's, ending at the test size as FixRes does).
         Training costs about the ratio of the pixels in those epochs (128
-        against 224: about a third). ``history_`` gives each such epoch's
-        ``input_size``. None: every epoch at ``input_size``.
+        against 224: about a third). Only the full-size epochs are scored on
+        the validation split and can be kept: a state trained at the smaller
+        size sees objects at another scale than it is asked at. ``history_``
+        gives each smaller epoch's ``input_size``. None: every epoch at
+        ``input_size``.
     tta : None or "flip", default=None
         ``"flip"``: predictions average the logits of each image and its mirror.
     freeze_batchnorm : bool, default=True

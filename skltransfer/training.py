@@ -480,8 +480,9 @@ def train_classifier(
     it comes in a candidate too: scored on the validation set before any
     step, and kept unless training beats it clearly (``_choose``).
     With ``early_augment`` (a geometry to a smaller size), the first
-    ``plan.early_epochs`` epochs train on its images; the later ones, and
-    every validation, at the input size the model predicts at.
+    ``plan.early_epochs`` epochs train on its images and are not scored
+    (no candidates); the later ones train, and are scored, at the input
+    size the model predicts at.
     """
 
     def batches(geometry):
@@ -559,7 +560,10 @@ def train_classifier(
                 row["averaged"] = True
             if epoch_loader is early_loader:
                 row["input_size"] = list(plan.early_input_size)
-            if validation is None:
+            if validation is None or epoch_loader is early_loader:
+                # A state trained only at the smaller size is no candidate: asked at the input size, it sees
+                # objects at another scale (on CIFAR-10 at 128 px, 6-14 validation points under the probe),
+                # and scoring it would let early stopping end training before the full-size epochs.
                 rows.append(row)
                 continue
             metrics, correct = evaluate(scored, validation[0], validation[1], preprocessing, weights,

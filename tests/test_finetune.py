@@ -198,7 +198,10 @@ def test_train_input_size_trains_all_but_the_last_quarter_smaller_and_validates_
                input_size=64, train_input_size=32).fit(X, y)
     # Epochs 1-3 at 32 px, the last at 64, in the split's run and again in the refit.
     assert trained == [{(32, 32)}] * 3 + [{(64, 64)}] + [{(32, 32)}] * 3 + [{(64, 64)}]
-    assert validated == {(64, 64)}  # every epoch scored at the size the model predicts at
+    assert validated == {(64, 64)}  # scored at the size the model predicts at ...
+    split_run = [h for h in clf.history_ if h["phase"] == "tune"]
+    assert ["valid_accuracy" in h for h in split_run] == [False] * 3 + [True]  # ... and only the full-size epoch
+    assert clf.best_epoch_ == 4
     assert [h.get("input_size") for h in clf.history_ if h["phase"] == "refit"] == [[32, 32]] * 3 + [None]
     assert clf.preprocessing_.input_size == (64, 64)
     with pytest.raises(ValueError, match="train_input_size"):
