@@ -130,17 +130,6 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
         scaled up anyway, so they may lose little. The probe and the
         validation split see the same size, so a size that costs accuracy
         shows in ``history_``. At least 32.
-    train_input_size : None, int or (height, width), default=None
-        A smaller size for the first epochs: all but the last quarter of the
-        epochs (at least one) train at it, the rest at ``input_size``, where
-        validation scores every epoch and the model predicts (progressive
-        resizing, as fastai's, ending at the test size as FixRes does).
-        Training costs about the ratio of the pixels in those epochs (128
-        against 224: about a third). Only the full-size epochs are scored on
-        the validation split and can be kept: a state trained at the smaller
-        size sees objects at another scale than it is asked at. ``history_``
-        gives each smaller epoch's ``input_size``. None: every epoch at
-        ``input_size``.
     tta : None or "flip", default=None
         ``"flip"``: predictions average the logits of each image and its mirror.
     freeze_batchnorm : bool, default=True
@@ -274,7 +263,6 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
         "augment": ["boolean", StrOptions(set(AUGMENT_PRESETS)), callable],
         "crop": [StrOptions(set(CROP_POLICIES))],
         "input_size": [Interval(Integral, MIN_INPUT_SIZE, None, closed="left"), tuple, list, None],
-        "train_input_size": [Interval(Integral, MIN_INPUT_SIZE, None, closed="left"), tuple, list, None],
         "tta": [StrOptions({"flip"}), None],
         "freeze_batchnorm": ["boolean"],
         "class_weight": [StrOptions({"balanced"}), dict, None],
@@ -316,7 +304,6 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
         augment: bool | str | Any = "auto",
         crop: str = "auto",
         input_size: int | tuple[int, int] | None = None,
-        train_input_size: int | tuple[int, int] | None = None,
         tta: str | None = None,
         freeze_batchnorm: bool = True,
         class_weight: str | dict | None = None,
@@ -354,7 +341,6 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
         self.augment = augment
         self.crop = crop
         self.input_size = input_size
-        self.train_input_size = train_input_size
         self.tta = tta
         self.freeze_batchnorm = freeze_batchnorm
         self.class_weight = class_weight
@@ -408,19 +394,13 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
         weights = None if self.class_weight is None else torch.tensor(
             compute_class_weight(self.class_weight, classes=classes, y=y), dtype=torch.float32)
         split = self._validation_split(targets, seed)
-        early_size = None if self.train_input_size is None else check_input_size(self.train_input_size)
-        plan = TrainingPlan.from_estimator(self, device, seed=seed, class_weights=weights, validated=split is not None,
-                                           early_input_size=early_size)
+        plan = TrainingPlan.from_estimator(self, device, seed=seed, class_weights=weights, validated=split is not None)
         if continuing:
             model, preprocessing, classifier = self.model_, self.preprocessing_, self.classifier_
             model.requires_grad_(True)
         else:
             model, preprocessing, classifier = load_classifier(self.backbone, self.weights, len(classes), seed=seed)
             preprocessing = preprocessing.with_crop(self.crop).with_input_size(self.input_size)
-        if early_size is not None and (early_size[0] > preprocessing.input_size[0]
-                                       or early_size[1] > preprocessing.input_size[1]):
-            raise ValueError(f"train_input_size {early_size} is larger than the input size "
-                             f"{preprocessing.input_size} the model predicts at")
         features = None
         if self.init_head == "probe" and not continuing:
             features = self._frozen_features(items, model, classifier)
@@ -428,8 +408,7 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
                             self._augmentation(preprocessing), plan, device, split=split, features=features,
                             class_weight=self.class_weight, refit=self.refit,
                             refit_epochs=self.refit_epochs,
-                            history=self.history_ if continuing else (),
-                            early_augment=self._augmentation(preprocessing, early_size) if early_size else None)
+                            history=self.history_ if continuing else ())
         self.model_ = model.to("cpu") if device.type != "cpu" else model
         forget_inference_copies(self.model_)  # warm_start trained the same module further
         self.preprocessing_ = preprocessing
@@ -476,21 +455,13 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
             return None
         return features
 
-    def _augmentation(self, preprocessing, size: tuple[int, int] | None = None):
-        """The training geometry, at ``size`` instead of the input size where given."""
+    def _augmentation(self, preprocessing):
         augment = self.augment
         if augment is True:
             augment = "flip"
         elif augment is False:
             augment = "none"
-        if isinstance(augment, str):
-            # The presets decide "small image" against the input size, whatever size they crop to.
-            return training_augmentation(preprocessing, augment, output_size=size)
-        if size is None:
-            return augment
-        from torchvision.transforms import v2
-
-        return v2.Compose([augment, v2.Resize(list(size), antialias=True)])  # a user's geometry, then smaller
+        return training_augmentation(preprocessing, augment) if isinstance(augment, str) else augment
 
     # -- predicting -------------------------------------------------------------------
 
@@ -559,7 +530,6 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
         state.setdefault("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS)
         state.setdefault("cache", "auto")
         state.setdefault("input_size", None)
-        state.setdefault("train_input_size", None)
         state.setdefault("ema_epochs", None)
         for name, before in (("init_head", "random"), ("crop", "center"), ("tta", None),  # what they did then
                              ("freeze_batchnorm", False), ("precision", "auto")):

@@ -99,8 +99,7 @@ def select_trainable(
 AUGMENT_PRESETS = ("auto", "flip", "noflip", "none")
 
 
-def training_augmentation(preprocessing: Preprocessing, preset: str = "flip", scale=(0.35, 1.0),
-                          output_size: tuple[int, int] | None = None) -> Callable:
+def training_augmentation(preprocessing: Preprocessing, preset: str = "flip", scale=(0.35, 1.0)) -> Callable:
     """Training geometry on uint8 tensors, by preset.
 
     ``"flip"``: random resized crop (``scale`` of the area, 0.35-1: the lower
@@ -113,8 +112,6 @@ def training_augmentation(preprocessing: Preprocessing, preset: str = "flip", sc
     image has few pixels to lose; on the demo's 8 px digits 0.6-1 cost 2
     points of validation accuracy after 4 epochs where no augmentation
     gained 2) and no mirroring (small images are often symbols). ``"none"``: the eval geometry.
-    ``output_size``: crop to this size instead of the input size (what is
-    "small" is still decided against the input size).
 
     Examples
     --------
@@ -124,17 +121,17 @@ def training_augmentation(preprocessing: Preprocessing, preset: str = "flip", sc
     torch.Size([3, 32, 32])
     """
     if preset == "none":
-        return preprocessing.resize_crop if output_size is None else preprocessing.with_input_size(output_size).resize_crop
+        return preprocessing.resize_crop
     if preset == "auto":
-        return _PerImageSize(preprocessing, training_augmentation(preprocessing, "flip", scale, output_size),
-                             training_augmentation(preprocessing, "noflip", (0.8, 1.0), output_size))
+        return _PerImageSize(preprocessing, training_augmentation(preprocessing, "flip", scale),
+                             training_augmentation(preprocessing, "noflip", (0.8, 1.0)))
     if preset not in ("flip", "noflip"):
         raise ValueError(f"augment must be one of {AUGMENT_PRESETS}, True, False or a callable, got {preset!r}")
     from torchvision.transforms import v2
 
     from .preprocessing import interpolation_mode
 
-    crop = v2.RandomResizedCrop(list(output_size or preprocessing.input_size), scale=scale,
+    crop = v2.RandomResizedCrop(list(preprocessing.input_size), scale=scale,
                                 interpolation=interpolation_mode(preprocessing.interpolation), antialias=True)
     return v2.Compose([crop, v2.RandomHorizontalFlip()]) if preset == "flip" else crop
 
@@ -221,18 +218,14 @@ class TrainingPlan:
     verbose: bool
     seed: int
     stop_after: int | None = None
-    early_epochs: int = 0
-    early_input_size: tuple[int, int] | None = None
 
     @classmethod
     def from_estimator(cls, estimator: Any, device: torch.device, *, seed: int = 0,
-                       class_weights: torch.Tensor | None = None, validated: bool = True,
-                       early_input_size: tuple[int, int] | None = None) -> TrainingPlan:
+                       class_weights: torch.Tensor | None = None, validated: bool = True) -> TrainingPlan:
         """The plan of a :class:`~skltransfer.FineTuneClassifier`'s parameters on ``device``.
 
         ``validated``: whether a validation split is held out (early stopping
-        needs one). ``early_input_size``: the smaller size the first epochs
-        train at (:func:`smaller_input_epochs`), or None.
+        needs one).
 
         Examples
         --------
@@ -251,28 +244,9 @@ class TrainingPlan:
             num_workers=e.num_workers, max_image_pixels=e.max_image_pixels,
             n_iter_no_change=e.n_iter_no_change if validated else None, freeze_batchnorm=e.freeze_batchnorm,
             ema_epochs=e.ema_epochs,
-            early_epochs=smaller_input_epochs(e.head_epochs + e.epochs) if early_input_size else 0,
-            early_input_size=early_input_size,
             autocast_dtype=training_autocast_dtype(e.precision, device), class_weights=class_weights,
             verbose=e.verbose, seed=seed,
         )
-
-
-def smaller_input_epochs(total: int) -> int:
-    """How many of ``total`` epochs train at a smaller input size: all but the last quarter (at least one).
-
-    The last epochs, where a cosine schedule's rate is low, train at the
-    size the model predicts at, as FixRes (Touvron et al. 2019) fine-tunes
-    at the test size and fastai's progressive resizing ends at full size:
-    a network trained only at a smaller size sees objects at another scale
-    than it is asked to classify.
-
-    Examples
-    --------
-    >>> smaller_input_epochs(8), smaller_input_epochs(3), smaller_input_epochs(1)
-    (6, 2, 0)
-    """
-    return max(0, total - max(1, math.ceil(total / 4)))
 
 
 @dataclass
@@ -287,7 +261,7 @@ def fine_tune(model: nn.Module, classifier: str, unfreeze: Any, items: Sequence[
               preprocessing: Preprocessing, augment: Callable | None, plan: TrainingPlan, device: torch.device, *,
               split: tuple[np.ndarray, np.ndarray] | None = None, features: np.ndarray | None = None,
               class_weight: Any = None, refit: bool = True, refit_epochs: str = "kept",
-              history: Sequence[dict[str, Any]] = (), early_augment: Callable | None = None) -> FineTuning:
+              history: Sequence[dict[str, Any]] = ()) -> FineTuning:
     """The fine-tuning protocol, in one place: probe, train, choose, refit.
 
     1. **Probe** (with ``features``, the frozen features of every item): a
@@ -327,7 +301,7 @@ def fine_tune(model: nn.Module, classifier: str, unfreeze: Any, items: Sequence[
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(plan.seed)
         rows = train_classifier(model, classifier, unfreeze, train_items, train_targets, preprocessing, augment,
-                                plan, device, validation, start=start, history=history, early_augment=early_augment)
+                                plan, device, validation, start=start, history=history)
     best = next((row for row in reversed(rows) if row.get("best")), None) if validation is not None else None
     if best is not None and best["phase"] == "probe":
         # The frozen pipeline won: the probe refitted on every image, as the README's pipeline is.
@@ -344,7 +318,7 @@ def fine_tune(model: nn.Module, classifier: str, unfreeze: Any, items: Sequence[
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(plan.seed)
             refitted = train_classifier(model, classifier, unfreeze, items, targets, preprocessing, augment,
-                                        again, device, early_augment=early_augment)
+                                        again, device)
         rows += [{**row, "phase": "refit"} for row in refitted]
         best["refitted"] = True
     _mark_final(rows, best)
@@ -464,7 +438,6 @@ def train_classifier(
     validation: tuple[Sequence[Any], np.ndarray] | None = None,
     start: dict[str, Any] | None = None,
     history: Sequence[dict[str, Any]] = (),
-    early_augment: Callable | None = None,
 ) -> list[dict[str, float]]:
     """Train ``model`` in place; returns the per-epoch history (``history``, earlier rows, first).
 
@@ -479,22 +452,14 @@ def train_classifier(
     a better trained state. ``start`` (a history row, "epoch 0") makes the model as
     it comes in a candidate too: scored on the validation set before any
     step, and kept unless training beats it clearly (``_choose``).
-    With ``early_augment`` (a geometry to a smaller size), the first
-    ``plan.early_epochs`` epochs train on its images and are not scored
-    (no candidates); the later ones train, and are scored, at the input
-    size the model predicts at.
     """
-
-    def batches(geometry):
-        return image_batches(
-            items, geometry, batch_size=plan.batch_size, shuffle=True,
-            generator=torch.Generator().manual_seed(plan.seed),
-            max_image_pixels=plan.max_image_pixels, num_workers=plan.num_workers,
-            pin_memory=device.type == "cuda", drop_last=len(items) > plan.batch_size, persistent_workers=True,
-        )
-
-    loader = batches(augment if augment is not None else preprocessing.resize_crop)
-    early_loader = batches(early_augment) if early_augment is not None and plan.early_epochs else None
+    geometry = augment if augment is not None else preprocessing.resize_crop
+    loader_rng = torch.Generator().manual_seed(plan.seed)
+    loader = image_batches(
+        items, geometry, batch_size=plan.batch_size, shuffle=True, generator=loader_rng,
+        max_image_pixels=plan.max_image_pixels, num_workers=plan.num_workers,
+        pin_memory=device.type == "cuda", drop_last=len(items) > plan.batch_size, persistent_workers=True,
+    )
     if device.type == "cpu":
         tune_allocator()  # torch's activations and gradients, every step
     weights = plan.class_weights.to(device) if plan.class_weights is not None else None
@@ -551,19 +516,13 @@ def train_classifier(
         for _ in range(epochs):
             if run == plan.stop_after:
                 break
-            epoch_loader = early_loader if early_loader is not None and run < plan.early_epochs else loader
             run += 1
             epoch = sum(1 for r in rows if r["phase"] in ("head", "tune")) + 1
-            row = _train_epoch(model, epoch_loader, loss_fn, optimizer, scheduler, scaler, trainable, plan,
+            row = _train_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, trainable, plan,
                                device, amp_dtype, items, targets, phase, preprocessing, epoch, ema)
             if ema is not None:
                 row["averaged"] = True
-            if epoch_loader is early_loader:
-                row["input_size"] = list(plan.early_input_size)
-            if validation is None or epoch_loader is early_loader:
-                # A state trained only at the smaller size is no candidate: asked at the input size, it sees
-                # objects at another scale (on CIFAR-10 at 128 px, 6-14 validation points under the probe),
-                # and scoring it would let early stopping end training before the full-size epochs.
+            if validation is None:
                 rows.append(row)
                 continue
             metrics, correct = evaluate(scored, validation[0], validation[1], preprocessing, weights,

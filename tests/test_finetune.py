@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import pickle
 import subprocess
@@ -171,51 +170,6 @@ def test_refit_epochs_all_trains_the_whole_schedule_whatever_epoch_the_split_kep
     # The whole schedule on every image: the same model as a fit that holds nothing out.
     unsplit = tiny(epochs=3, early_stopping=False, learning_rate=1e-3, random_state=0).fit(X, y)
     np.testing.assert_array_equal(whole.predict_proba(X), unsplit.predict_proba(X))
-
-
-def test_train_input_size_trains_all_but_the_last_quarter_smaller_and_validates_at_the_input_size(monkeypatch):
-    from skltransfer import training
-
-    X, y = _blobs()
-    _training_wins(monkeypatch)
-    trained, validated = [], set()
-
-    def recording_epoch(model, *args, **kwargs):
-        sizes = set()
-        with _hooked(model, sizes):
-            row = real_epoch(model, *args, **kwargs)
-        trained.append(sizes)
-        return row
-
-    def recording_evaluate(model, *args, **kwargs):
-        with _hooked(model, validated):
-            return real_evaluate(model, *args, **kwargs)
-
-    real_epoch, real_evaluate = training._train_epoch, training.evaluate
-    monkeypatch.setattr(training, "_train_epoch", recording_epoch)
-    monkeypatch.setattr(training, "evaluate", recording_evaluate)
-    clf = tiny(epochs=4, early_stopping=True, learning_rate=1e-3, n_iter_no_change=5, refit_epochs="all",
-               input_size=64, train_input_size=32).fit(X, y)
-    # Epochs 1-3 at 32 px, the last at 64, in the split's run and again in the refit.
-    assert trained == [{(32, 32)}] * 3 + [{(64, 64)}] + [{(32, 32)}] * 3 + [{(64, 64)}]
-    assert validated == {(64, 64)}  # scored at the size the model predicts at ...
-    split_run = [h for h in clf.history_ if h["phase"] == "tune"]
-    assert ["valid_accuracy" in h for h in split_run] == [False] * 3 + [True]  # ... and only the full-size epoch
-    assert clf.best_epoch_ == 4
-    assert [h.get("input_size") for h in clf.history_ if h["phase"] == "refit"] == [[32, 32]] * 3 + [None]
-    assert clf.preprocessing_.input_size == (64, 64)
-    with pytest.raises(ValueError, match="train_input_size"):
-        tiny(input_size=64, train_input_size=96).fit(X, y)
-
-
-@contextlib.contextmanager
-def _hooked(model, into: set):
-    """Record the (height, width) of every batch ``model`` is called on."""
-    handle = model.register_forward_pre_hook(lambda module, args: into.add(tuple(args[0].shape[-2:])))
-    try:
-        yield
-    finally:
-        handle.remove()
 
 
 def _final(history):
