@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -23,7 +24,7 @@ def machine() -> str:
 
 def command() -> str:
     script = Path(sys.argv[0]).name
-    return " ".join(["python", f"benchmarks/{script}", *sys.argv[1:]])
+    return shlex.join(["python", f"benchmarks/{script}", *sys.argv[1:]])
 
 
 def write_results(name: str, figures: dict, table: str, *, directory: Path = RESULTS, gpu: str | None = None,
