@@ -157,13 +157,9 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
         (on the same schedule), which roughly doubles the fit's time. False keeps
         a fine-tuned winner as trained on the other ``1 - validation_fraction``
         of the images (the probe is refitted either way).
-    refit_epochs : {"kept", "annealed", "all"}, default="kept"
+    refit_epochs : {"kept", "all"}, default="kept"
         How long a fine-tuned winner trains again on every image.
-        ``"kept"``: as many epochs as the state the validation split kept,
-        the first epochs of the same schedule (so a state kept early is
-        refitted to a point where the rate is still high).
-        ``"annealed"``: as many epochs, on a schedule of that length: the
-        warm-up, then the rate decays to zero by the refit's last epoch.
+        ``"kept"``: as many epochs as the state the validation split kept.
         ``"all"``: the whole schedule (``head_epochs + epochs``), as a fit
         without a split would; the split then decides only whether
         fine-tuning beats the probe, not for how long to train, which a
@@ -274,7 +270,7 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
         "validation_fraction": [Interval(Real, 0, 1, closed="neither")],
         "n_iter_no_change": [Interval(Integral, 1, None, closed="left")],
         "refit": ["boolean"],
-        "refit_epochs": [StrOptions({"kept", "annealed", "all"})],
+        "refit_epochs": [StrOptions({"kept", "all"})],
         "batch_size": [Interval(Integral, 1, None, closed="left"), StrOptions({"auto"})],
         "device": [str, torch.device],
         "precision": [StrOptions({"auto", *PRECISIONS})],

@@ -273,9 +273,7 @@ def fine_tune(model: nn.Module, classifier: str, unfreeze: Any, items: Sequence[
     4. **Refit** (``refit`` with a split): on every item, what won: the
        probe refitted, or the same training again from the same starting
        weights and seed, for as many epochs as the kept state had
-       (``refit_epochs="kept"``: the first epochs of the same schedule;
-       ``"annealed"``: on a schedule of that length) or the whole schedule
-       (``"all"``). Its epochs
+       (``refit_epochs="kept"``) or the whole schedule (``"all"``). Its epochs
        join the history as ``phase="refit"`` and the kept row gets
        ``refitted``.
 
@@ -317,10 +315,6 @@ def fine_tune(model: nn.Module, classifier: str, unfreeze: Any, items: Sequence[
             set_linear_head(model, classifier, linear_probe(features, targets, n_classes, class_weight=class_weight))
         length = None if refit_epochs == "all" else int(best["epoch"]) - trained_before
         again = dataclasses.replace(plan, n_iter_no_change=None, stop_after=length)
-        if refit_epochs == "annealed":
-            # The same number of epochs on a schedule of that length, each phase's rate at zero at its end.
-            head = min(plan.head_epochs, length)
-            again = dataclasses.replace(again, head_epochs=head, epochs=length - head, stop_after=None)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(plan.seed)
             refitted = train_classifier(model, classifier, unfreeze, items, targets, preprocessing, augment,

@@ -172,34 +172,6 @@ def test_refit_epochs_all_trains_the_whole_schedule_whatever_epoch_the_split_kep
     np.testing.assert_array_equal(whole.predict_proba(X), unsplit.predict_proba(X))
 
 
-def test_refit_epochs_annealed_refits_the_kept_length_on_a_schedule_that_ends_there(monkeypatch):
-    from skltransfer import training
-
-    X, y = _blobs()
-    _training_wins(monkeypatch)
-    # The split keeps epoch 2 of 4.
-    scores = iter([0.5, 0.8, 0.9, 0.7, 0.6] * 2)
-
-    def peaked(model, items, targets, *args, **kwargs):
-        return {"valid_loss": 1.0, "valid_accuracy": next(scores)}, np.ones(len(targets), bool)
-
-    monkeypatch.setattr(training, "evaluate", peaked)
-    params = dict(epochs=4, early_stopping=True, learning_rate=1e-3, n_iter_no_change=5, warmup_epochs=0.5,
-                  random_state=0)
-    kept = tiny(**params).fit(X, y)
-    annealed = tiny(**params, refit_epochs="annealed").fit(X, y)
-    assert kept.best_epoch_ == annealed.best_epoch_ == 2
-    refits = [[h for h in clf.history_ if h["phase"] == "refit"] for clf in (kept, annealed)]
-    assert [[h["epoch"] for h in rows] for rows in refits] == [[1, 2], [1, 2]]
-    # "kept" stops the 4-epoch schedule half-way, at a high rate; "annealed" ends at zero.
-    assert refits[0][-1]["learning_rate"] > 0.5e-3 and refits[1][-1]["learning_rate"] < 1e-9
-    assert _final(annealed.history_)["phase"] == "refit" and _final(annealed.history_)["validated"] is False
-    # The same model as a 2-epoch fit that holds nothing out.
-    unsplit = tiny(epochs=2, early_stopping=False, learning_rate=1e-3, warmup_epochs=0.5, random_state=0).fit(X, y)
-    np.testing.assert_array_equal(annealed.predict_proba(X), unsplit.predict_proba(X))
-    assert not np.allclose(kept.predict_proba(X), unsplit.predict_proba(X))
-
-
 def _final(history):
     rows = [h for h in history if h.get("final")]
     assert len(rows) == 1, "exactly one row holds the state the model ends with"
