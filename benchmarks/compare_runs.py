@@ -12,11 +12,11 @@ its mean is at least the frozen README pipeline - 0.5; adopted when, on top, its
 frozen across the sets is higher than the defaults' (a tie keeps the defaults) and its cifar10
 seeds lie within 1.5 points.
 
-``--refit-only``: the candidate changes only what happens after the validation split has chosen
-(``refit_epochs``). On the CPU a fit is deterministic for its seed, so the split's run, and the
-epoch it keeps, are the defaults'; where that epoch is one of ``--same-when-kept`` the refit is
-the same too, the candidate is not fitted, and the table says "=". Every candidate fit is checked
-to keep the defaults' epoch.
+``--same-when-kept``: on the CPU a fit is deterministic for its seed, so where the defaults' run
+kept one of these epochs and the candidate cannot differ there (say, a candidate that changes only
+a refit the probe or the last epoch makes anyway), the candidate is not fitted: its score is the
+defaults' and the table says "=". ``--refit-only``: the candidate changes only what happens after
+the validation split has chosen, so every candidate fit is checked to keep the defaults' epoch.
 
 Fit times compare only where both ran on the same kind of machine with the same threads (the
 footer names the machines).
@@ -49,17 +49,17 @@ def per_seed(names: list[str]) -> tuple[dict, dict, set]:
     return runs, frozen, machines
 
 
-def paired(set_name: str, seeds: list[int], base: dict, ours: dict, same_when_kept: set | None) -> list:
-    """The candidate's (score, kept, seconds, fitted) per seed; ``same_when_kept``: see --refit-only."""
+def paired(set_name: str, seeds: list[int], base: dict, ours: dict, same_when_kept: set, refit_only: bool) -> list:
+    """The candidate's (score, kept, seconds, fitted) per seed; see --same-when-kept and --refit-only."""
     pairs = []
     for seed in seeds:
         if (set_name, seed) in ours:
             row = ours[set_name, seed]
-            if same_when_kept is not None and row[1] != base[set_name, seed][1]:
+            if refit_only and row[1] != base[set_name, seed][1]:
                 raise SystemExit(f"{set_name} seed {seed}: kept epoch {row[1]} against the defaults' "
                                  f"{base[set_name, seed][1]}: not the same split run")
             pairs.append((*row, True))
-        elif same_when_kept is not None and base[set_name, seed][1] in same_when_kept:
+        elif base[set_name, seed][1] in same_when_kept:
             pairs.append((*base[set_name, seed], False))
         else:
             raise SystemExit(f"{set_name} seed {seed}: no candidate run (the defaults kept epoch "
@@ -74,27 +74,26 @@ def main() -> None:
     parser.add_argument("--label", required=True, help="the candidate's setting, as the table names it")
     parser.add_argument("--rule", choices=["keep", "adopt"], required=True)
     parser.add_argument("--refit-only", action="store_true", help="the candidate changes only the refit")
-    parser.add_argument("--same-when-kept", nargs="+", type=int, default=[0],
-                        help="with --refit-only: kept epochs whose refit the candidate leaves as it is")
+    parser.add_argument("--same-when-kept", nargs="+", type=int, default=[],
+                        help="kept epochs (of the defaults' runs) where the candidate is the same fit")
     parser.add_argument("--results", required=True)
     args = parser.parse_args()
     base, frozen, machines = per_seed(args.defaults)
     ours, _, their_machines = per_seed(args.candidate)
-    same = set(args.same_when_kept) if args.refit_only else None
-    sets = sorted({s for s, _ in base} if args.refit_only else {s for s, _ in ours},
-                  key=lambda s: list(frozen).index(s))
+    same = set(args.same_when_kept)
+    sets = sorted({s for s, _ in ours}, key=lambda s: list(frozen).index(s))
     check = "kept (>= defaults - 0.5)" if args.rule == "keep" else "eligible (>= frozen - 0.5)"
     lines = [f"| set | frozen README pipeline | defaults, each seed: score (kept epoch) | `{args.label}`, each seed "
              f"| mean: defaults / candidate | fit time, mean: defaults / candidate | {check} |",
              "|---|---|---|---|---|---|---|"]
     figures: dict = {"label": args.label, "rule": args.rule, "sets": {}}
     for set_name in sets:
-        seeds = sorted(seed for s, seed in (base if args.refit_only else ours) if s == set_name)
+        seeds = sorted(seed for s, seed in (base if same else ours) if s == set_name)
         missing = [seed for seed in seeds if (set_name, seed) not in base]
         if missing:
             raise SystemExit(f"{set_name}: no defaults' run for seeds {missing}")
         a = [base[set_name, seed] for seed in seeds]
-        b = paired(set_name, seeds, base, ours, same)
+        b = paired(set_name, seeds, base, ours, same, args.refit_only)
         mean_a, mean_b = float(np.mean([r[0] for r in a])), float(np.mean([r[0] for r in b]))
         ok = mean_b >= (mean_a if args.rule == "keep" else frozen[set_name]) - 0.005
         figures["sets"][set_name] = {"seeds": seeds, "frozen": frozen[set_name], "defaults": [r[0] for r in a],
@@ -112,9 +111,9 @@ def main() -> None:
     steady = spread is None or spread <= 0.015
     passes = all(v["passes"] for v in figures["sets"].values())
     notes = []
-    if args.refit_only:
-        notes.append("\"=\": the same fit as the defaults' (the split kept epoch "
-                     f"{' or '.join(str(k) for k in sorted(same))}, whose refit the candidate leaves as it is).")
+    if same:
+        notes.append("\"=\": the same fit as the defaults' (their split kept epoch "
+                     f"{' or '.join(str(k) for k in sorted(same))}, where the candidate cannot differ).")
     if args.rule == "keep":
         verdict = passes and steady
         notes.append(f"By the rule (each set's mean at least the defaults' - 0.5 points"

@@ -164,7 +164,9 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
         without a split would; the split then decides only whether
         fine-tuning beats the probe, not for how long to train, which a
         small split decides noisily (on 200 images the best epoch moves by
-        several between seeds).
+        several between seeds). So the split validates what the refit
+        repeats: its run trains the whole schedule too (no early stopping),
+        and its last state, not its best epoch, must beat the probe clearly.
     batch_size : int or "auto", default="auto"
         Images per training step (32 on CPU, 64 on CUDA); prediction uses
         :class:`~skltransfer.PretrainedFeatures`' choice (6 at 224 x 224 on CPU).

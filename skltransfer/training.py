@@ -218,6 +218,7 @@ class TrainingPlan:
     verbose: bool
     seed: int
     stop_after: int | None = None
+    keep: str = "best"
 
     @classmethod
     def from_estimator(cls, estimator: Any, device: torch.device, *, seed: int = 0,
@@ -225,7 +226,9 @@ class TrainingPlan:
         """The plan of a :class:`~skltransfer.FineTuneClassifier`'s parameters on ``device``.
 
         ``validated``: whether a validation split is held out (early stopping
-        needs one).
+        needs one). ``refit_epochs="all"`` validates the whole schedule: no
+        early stopping, and the last trained state is the one set against
+        the probe (``keep="last"``), since that is what the refit repeats.
 
         Examples
         --------
@@ -242,7 +245,8 @@ class TrainingPlan:
             schedule=e.schedule, warmup_epochs=e.warmup_epochs, label_smoothing=e.label_smoothing,
             max_grad_norm=e.max_grad_norm, batch_size=train_batch_size(e.batch_size, device),
             num_workers=e.num_workers, max_image_pixels=e.max_image_pixels,
-            n_iter_no_change=e.n_iter_no_change if validated else None, freeze_batchnorm=e.freeze_batchnorm,
+            n_iter_no_change=e.n_iter_no_change if validated and e.refit_epochs != "all" else None,
+            keep="last" if e.refit_epochs == "all" else "best", freeze_batchnorm=e.freeze_batchnorm,
             ema_epochs=e.ema_epochs,
             autocast_dtype=training_autocast_dtype(e.precision, device), class_weights=class_weights,
             verbose=e.verbose, seed=seed,
@@ -447,7 +451,8 @@ def train_classifier(
     of the full length (what a refit on more images repeats). With a
     validation set, each epoch is scored on it and the best state seen is
     restored at the end (highest validation accuracy, ties to the lower
-    validation log-loss, then to the earlier epoch); with
+    validation log-loss, then to the earlier epoch; ``plan.keep="last"``:
+    the last state); with
     ``plan.n_iter_no_change`` training stops after that many epochs without
     a better trained state. ``start`` (a history row, "epoch 0") makes the model as
     it comes in a candidate too: scored on the validation set before any
@@ -484,7 +489,8 @@ def train_classifier(
         """
         nonlocal stale
         score = (row["valid_accuracy"], -row["valid_loss"])
-        if which not in candidates or score > candidates[which][0]:
+        latest = which == "trained" and plan.keep == "last"  # the state a whole-schedule refit repeats
+        if which not in candidates or score > candidates[which][0] or latest:
             candidates[which] = (score, copy.deepcopy(scored.state_dict()), len(rows), correct)
             stale = 0
         elif which == "trained":

@@ -148,22 +148,29 @@ def test_a_fine_tuned_winner_is_refitted_on_every_image(monkeypatch):
     assert not np.allclose(kept.predict_proba(X), unsplit.predict_proba(X))
 
 
-def test_refit_epochs_all_trains_the_whole_schedule_whatever_epoch_the_split_kept(monkeypatch):
+def test_refit_epochs_all_validates_and_refits_the_whole_schedule(monkeypatch):
     from skltransfer import training
 
     X, y = _blobs()
     _training_wins(monkeypatch)
-    # Validation scores fall after epoch 1, so the split keeps epoch 1 of 3.
-    scores = iter([0.5, 0.9, 0.8, 0.7] * 2)
 
-    def falling(model, items, targets, *args, **kwargs):
-        return {"valid_loss": 1.0, "valid_accuracy": next(scores)}, np.ones(len(targets), bool)
+    def falling_scores():  # validation scores fall after epoch 1
+        scores = iter([0.5, 0.9, 0.8, 0.7])
 
-    monkeypatch.setattr(training, "evaluate", falling)
-    params = dict(epochs=3, early_stopping=True, learning_rate=1e-3, n_iter_no_change=5, random_state=0)
+        def falling(model, items, targets, *args, **kwargs):
+            return {"valid_loss": 1.0, "valid_accuracy": next(scores)}, np.ones(len(targets), bool)
+
+        monkeypatch.setattr(training, "evaluate", falling)
+
+    params = dict(epochs=3, early_stopping=True, learning_rate=1e-3, n_iter_no_change=1, random_state=0)
+    falling_scores()
     kept = tiny(**params).fit(X, y)
+    falling_scores()
     whole = tiny(**params, refit_epochs="all").fit(X, y)
-    assert kept.best_epoch_ == whole.best_epoch_ == 1
+    # "kept" stops after one epoch without a better state and keeps epoch 1; "all" trains the whole
+    # schedule on the split too, and sets its last state against the probe: what the refit repeats.
+    assert [h["epoch"] for h in kept.history_ if h["phase"] == "tune"] == [1, 2] and kept.best_epoch_ == 1
+    assert [h["epoch"] for h in whole.history_ if h["phase"] == "tune"] == [1, 2, 3] and whole.best_epoch_ == 3
     refit_rows = [[h["epoch"] for h in clf.history_ if h["phase"] == "refit"] for clf in (kept, whole)]
     assert refit_rows == [[1], [1, 2, 3]]
     assert _final(whole.history_)["phase"] == "refit" and _final(whole.history_)["validated"] is False
