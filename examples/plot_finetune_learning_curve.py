@@ -19,9 +19,9 @@ build in well under a minute; the figure's title says which state that small run
 Small images train faster at a smaller input (``--input-size 160``: about half the
 compute of 224). By default each epoch is scored, and kept, as a moving average of the
 weights over about one epoch (``--ema-epochs 0``: the raw weights, whose validation curve
-swings more). ``--refit-epochs all`` refits a fine-tuned winner for the whole schedule
-instead of for as many epochs as the kept state had; compare the curves and the test
-accuracy on your images.
+swings more). ``--refit-epochs kept`` stops early, keeps the best epoch and refits a fine-tuned
+winner for that many epochs, instead of validating and refitting the whole schedule
+(the default); compare the curves and the test accuracy on your images.
 
 Usage::
 
@@ -68,9 +68,10 @@ with tempfile.TemporaryDirectory() as tmp:
     accuracy = clf.score(test, y_test)
 
 # %%
-# The probe is epoch 0; the dotted line marks the state that was kept. (When a
-# fine-tuned state wins, ``fit`` then trains it again on every image, for as many
-# epochs, or the whole schedule with ``refit_epochs="all"``: ``phase="refit"`` rows,
+# The probe is epoch 0; the dotted line marks the state set against it: the
+# last one (the default ``refit_epochs="all"``) or the best (``"kept"``). (When a
+# fine-tuned state wins, ``fit`` then trains it again on every image, for the
+# whole schedule, or as many epochs with ``"kept"``: ``phase="refit"`` rows,
 # with no validation scores, not plotted here.)
 history = [h for h in clf.history_ if h["phase"] != "refit"]
 epochs = [h["epoch"] for h in history]

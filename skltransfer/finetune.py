@@ -141,25 +141,29 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
         Weights of the classes in the loss (and in the probe).
     early_stopping : "auto" or bool, default="auto"
         Hold out ``validation_fraction`` of the training images (stratified),
-        score every epoch (and the probe) on them, keep the best state and
-        stop after ``n_iter_no_change`` epochs without a better one.
+        score every epoch (and the probe) on them, and set the fine-tuned
+        state against the probe: the last state with ``refit_epochs="all"``
+        (the default), else the best, stopping after ``n_iter_no_change``
+        epochs without a better one.
         ``"auto"``: do so when the split leaves at least 20 validation
         images and 2 per class; with fewer, all images train, every epoch
         runs and the last state is kept (the probe still starts it). True:
         always split (an error if the data cannot be split). False: never.
     validation_fraction : float, default=0.2
     n_iter_no_change : int, default=3
+        Used with ``refit_epochs="kept"`` only.
     refit : bool, default=True
         After the validation split chose, train the winner again on every
         image, as ``GridSearchCV(refit=True)`` does: the probe is refitted
         (free), a fine-tuned winner trains again from the pretrained weights
-        and an all-image probe for as many epochs as the kept state had
-        (on the same schedule), which roughly doubles the fit's time. False keeps
+        and an all-image probe for ``refit_epochs``, which roughly doubles
+        the fit's time. False keeps
         a fine-tuned winner as trained on the other ``1 - validation_fraction``
         of the images (the probe is refitted either way).
-    refit_epochs : {"kept", "all"}, default="kept"
+    refit_epochs : {"all", "kept"}, default="all"
         How long a fine-tuned winner trains again on every image.
-        ``"kept"``: as many epochs as the state the validation split kept.
+        ``"kept"``: as many epochs as the state the validation split kept
+        (the first epochs of the same schedule), with early stopping.
         ``"all"``: the whole schedule (``head_epochs + epochs``), as a fit
         without a split would; the split then decides only whether
         fine-tuning beats the probe, not for how long to train, which a
@@ -313,7 +317,7 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
         validation_fraction: float = 0.2,
         n_iter_no_change: int = 3,
         refit: bool = True,
-        refit_epochs: str = "kept",
+        refit_epochs: str = "all",
         batch_size: int | str = "auto",
         device: str | torch.device = "auto",
         precision: str = "auto",
@@ -534,7 +538,7 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
         state.setdefault("input_size", None)
         state.setdefault("ema_epochs", None)
         for name, before in (("init_head", "random"), ("crop", "center"), ("tta", None),  # what they did then
-                             ("freeze_batchnorm", False), ("precision", "auto")):
+                             ("freeze_batchnorm", False), ("precision", "auto"), ("refit_epochs", "kept")):
             state.setdefault(name, before)
         super().__setstate__(state)
         if model_state is not None:

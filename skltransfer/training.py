@@ -264,7 +264,7 @@ class FineTuning:
 def fine_tune(model: nn.Module, classifier: str, unfreeze: Any, items: Sequence[Any], targets: np.ndarray,
               preprocessing: Preprocessing, augment: Callable | None, plan: TrainingPlan, device: torch.device, *,
               split: tuple[np.ndarray, np.ndarray] | None = None, features: np.ndarray | None = None,
-              class_weight: Any = None, refit: bool = True, refit_epochs: str = "kept",
+              class_weight: Any = None, refit: bool = True, refit_epochs: str = "all",
               history: Sequence[dict[str, Any]] = ()) -> FineTuning:
     """The fine-tuning protocol, in one place: probe, train, choose, refit.
 

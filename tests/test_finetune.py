@@ -111,7 +111,7 @@ def test_head_only_phase_leaves_the_backbone_alone(data):
 
 def test_early_stopping_records_validation_and_restores_the_best_epoch(data):
     clf = tiny(epochs=6, early_stopping=True, validation_fraction=0.25, n_iter_no_change=1,
-               learning_rate=0.05, init_head="random").fit(*data)
+               learning_rate=0.05, init_head="random", refit_epochs="kept").fit(*data)
     chosen = [h for h in clf.history_ if h["phase"] != "refit"]
     assert 1 <= len(chosen) <= 6
     assert all("valid_loss" in h and "valid_accuracy" in h for h in chosen)
@@ -164,7 +164,7 @@ def test_refit_epochs_all_validates_and_refits_the_whole_schedule(monkeypatch):
 
     params = dict(epochs=3, early_stopping=True, learning_rate=1e-3, n_iter_no_change=1, random_state=0)
     falling_scores()
-    kept = tiny(**params).fit(X, y)
+    kept = tiny(**params, refit_epochs="kept").fit(X, y)
     falling_scores()
     whole = tiny(**params, refit_epochs="all").fit(X, y)
     # "kept" stops after one epoch without a better state and keeps epoch 1; "all" trains the whole
@@ -532,7 +532,7 @@ def test_stopping_waits_for_training_to_stop_improving_not_for_it_to_pass_the_pr
     X, y = _blobs(24)
     model, pre, head = load_classifier(TINY, None, 2)
     plan = training.TrainingPlan.from_estimator(
-        FineTuneClassifier(epochs=5, n_iter_no_change=1, batch_size=8, warmup_epochs=0), CPU)
+        FineTuneClassifier(epochs=5, n_iter_no_change=1, batch_size=8, warmup_epochs=0, refit_epochs="kept"), CPU)
     targets = (y == "b").astype(int)
     history = training.train_classifier(model, head, "all", list(X), targets, pre, None, plan, torch.device("cpu"),
                                         validation=(list(X[:4]), targets[:4]), start={"epoch": 0, "phase": "probe"})
