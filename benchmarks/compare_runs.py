@@ -113,6 +113,10 @@ def main() -> None:
     spread = None if cifar is None else float(max(cifar["candidate"]) - min(cifar["candidate"]))
     steady = spread is None or spread <= 0.015
     passes = all(v["passes"] for v in figures["sets"].values())
+    failed = [f"{name} below the {'defaults' if args.rule == 'keep' else 'frozen pipeline'} - 0.5"
+              for name, v in figures["sets"].items() if not v["passes"]]
+    if not steady:
+        failed.append(f"its cifar10 seeds lie {spread * 100:.1f} points apart")
     notes = []
     if same:
         notes.append("\"=\": the same fit as the defaults' (their split kept epoch "
@@ -121,7 +125,8 @@ def main() -> None:
         verdict = passes and steady
         notes.append(f"By the rule (each set's mean at least the defaults' - 0.5 points"
                      f"{', the cifar10 seeds within 1.5 points' if spread is not None else ''}), `{args.label}` "
-                     f"{'keeps' if verdict else 'does not keep'} the defaults' accuracy.")
+                     f"{'keeps' if verdict else 'does not keep'} the defaults' accuracy"
+                     f"{': ' + '; '.join(failed) if failed else ''}.")
     elif args.rule == "report":
         verdict = None
         notes.append("A set kept for confirming: reported, not used to decide.")
@@ -129,11 +134,14 @@ def main() -> None:
         gain = {who: float(np.mean([np.mean(v[who]) - v["frozen"] for v in figures["sets"].values()]))
                 for who in ("defaults", "candidate")}
         verdict = passes and steady and gain["candidate"] > gain["defaults"]
+        if gain["candidate"] <= gain["defaults"]:
+            failed.append("its mean gain is not higher")
         figures["mean_gain_over_frozen"] = gain
         notes.append(f"Mean gain over frozen across the sets: defaults {gain['defaults'] * 100:+.2f}, "
                      f"candidate {gain['candidate'] * 100:+.2f} points. By the rule (eligible on every set, a higher "
                      f"mean gain, the cifar10 seeds within 1.5 points), `{args.label}` "
-                     f"{'becomes' if verdict else 'does not become'} the default.")
+                     f"{'becomes' if verdict else 'does not become'} the default"
+                     f"{': ' + '; '.join(failed) if failed else ''}.")
     figures.update(cifar10_spread=spread, rule_met=verdict)
     lines += [""] + notes
     write_results(args.results, figures, "\n".join(lines),
