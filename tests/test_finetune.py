@@ -148,6 +148,31 @@ def test_a_fine_tuned_winner_is_refitted_on_every_image(monkeypatch):
     assert not np.allclose(kept.predict_proba(X), unsplit.predict_proba(X))
 
 
+def test_refit_average_keeps_the_mean_of_the_validated_and_the_refitted_weights(monkeypatch):
+    from skltransfer import training
+
+    X, y = _blobs()
+    _training_wins(monkeypatch)
+    params = dict(epochs=2, early_stopping=True, learning_rate=1e-3)
+    validated = tiny(**params, refit=False).fit(X, y)
+    refitted = tiny(**params).fit(X, y)
+    averaged = tiny(**params, refit="average").fit(X, y)
+    for name, weight in averaged.model_.state_dict().items():
+        if weight.is_floating_point():
+            expected = (validated.model_.state_dict()[name] + refitted.model_.state_dict()[name]) / 2
+            torch.testing.assert_close(weight, expected, msg=name)
+    final = _final(averaged.history_)
+    assert final is averaged.history_[-1] and final["phase"] == "refit" and final["mean_with_kept"]
+    assert final["validated"] is False and averaged.history_[averaged.best_epoch_]["refitted"]
+    # Where the probe wins there is nothing to average: the frozen pipeline, as with refit=True.
+    monkeypatch.setattr(training, "_choose", lambda candidates: candidates.get("start"))
+    probe = tiny(**params, refit="average").fit(X, y)
+    np.testing.assert_array_equal(probe.predict_proba(X), tiny(**params).fit(X, y).predict_proba(X))
+    assert not any(h.get("mean_with_kept") for h in probe.history_)
+    with pytest.raises(ValueError, match="refit"):
+        tiny(refit="mean").fit(X, y)
+
+
 def test_refit_epochs_all_validates_and_refits_the_whole_schedule(monkeypatch):
     from skltransfer import training
 
