@@ -136,7 +136,7 @@ def test_a_fine_tuned_winner_is_refitted_on_every_image(monkeypatch):
     _training_wins(monkeypatch)
     # The validation split chose epoch 1: the refit is the same training on all images, so the
     # same model as a fit that holds nothing out.
-    clf = tiny(epochs=1, early_stopping=True, learning_rate=1e-3).fit(X, y)
+    clf = tiny(epochs=1, early_stopping=True, learning_rate=1e-3, refit=True).fit(X, y)
     assert clf.best_epoch_ == 1
     assert [(h["phase"], h["epoch"]) for h in clf.history_] == [("probe", 0), ("tune", 1), ("refit", 1)]
     assert clf.history_[1]["refitted"]
@@ -155,8 +155,8 @@ def test_refit_average_keeps_the_mean_of_the_validated_and_the_refitted_weights(
     _training_wins(monkeypatch)
     params = dict(epochs=2, early_stopping=True, learning_rate=1e-3)
     validated = tiny(**params, refit=False).fit(X, y)
-    refitted = tiny(**params).fit(X, y)
-    averaged = tiny(**params, refit="average").fit(X, y)
+    refitted = tiny(**params, refit=True).fit(X, y)
+    averaged = tiny(**params).fit(X, y)  # the default
     for name, weight in averaged.model_.state_dict().items():
         if weight.is_floating_point():
             expected = (validated.model_.state_dict()[name] + refitted.model_.state_dict()[name]) / 2
@@ -166,8 +166,8 @@ def test_refit_average_keeps_the_mean_of_the_validated_and_the_refitted_weights(
     assert final["validated"] is False and averaged.history_[averaged.best_epoch_]["refitted"]
     # Where the probe wins there is nothing to average: the frozen pipeline, as with refit=True.
     monkeypatch.setattr(training, "_choose", lambda candidates: candidates.get("start"))
-    probe = tiny(**params, refit="average").fit(X, y)
-    np.testing.assert_array_equal(probe.predict_proba(X), tiny(**params).fit(X, y).predict_proba(X))
+    probe = tiny(**params).fit(X, y)
+    np.testing.assert_array_equal(probe.predict_proba(X), tiny(**params, refit=True).fit(X, y).predict_proba(X))
     assert not any(h.get("mean_with_kept") for h in probe.history_)
     with pytest.raises(ValueError, match="refit"):
         tiny(refit="mean").fit(X, y)
@@ -191,7 +191,7 @@ def test_refit_epochs_all_validates_and_refits_the_whole_schedule(monkeypatch):
     falling_scores()
     kept = tiny(**params, refit_epochs="kept").fit(X, y)
     falling_scores()
-    whole = tiny(**params, refit_epochs="all").fit(X, y)
+    whole = tiny(**params, refit_epochs="all", refit=True).fit(X, y)
     # "kept" stops after one epoch without a better state and keeps epoch 1; "all" trains the whole
     # schedule on the split too, and sets its last state against the probe: what the refit repeats.
     assert [h["epoch"] for h in kept.history_ if h["phase"] == "tune"] == [1, 2] and kept.best_epoch_ == 1
