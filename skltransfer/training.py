@@ -26,7 +26,6 @@ import torch
 from torch import nn
 
 from .decoding import DEFAULT_MAX_IMAGE_PIXELS, ImageFailure, ImageLoadError, describe_item
-from .fusion import batchnorm_folded_for_training
 from .inference import extract_features, image_batches
 from .preprocessing import Preprocessing
 from .runtime import tune_allocator
@@ -627,10 +626,8 @@ def _train_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, trainable
     total_loss, correct, seen, failures = 0.0, 0, 0, []
     start = time.perf_counter()
     params = [p for p in model.parameters() if p.requires_grad]
-    # Frozen-statistics BatchNorms folded into their convolutions: the same function, without a pass
-    # over the activations each way (1.4x a step of EfficientNet-Lite0 on the CPU; benchmarks/finetune.py).
-    with batchnorm_folded_for_training(model), tqdm(total=len(loader.dataset), disable=not plan.verbose,
-                                                    unit="img", desc=f"{phase} epoch {epoch}") as progress:
+    with tqdm(total=len(loader.dataset), disable=not plan.verbose, unit="img",
+              desc=f"{phase} epoch {epoch}") as progress:
         for indices, batch, batch_failures in loader:
             failures += batch_failures
             if failures:

@@ -10,7 +10,7 @@ from torch import nn
 from skltransfer import PretrainedFeatures
 from skltransfer.backbones import load_backbone
 from skltransfer.registry import shared_backbone
-from skltransfer.fusion import batchnorm_folded_for_training, fold_batchnorm
+from skltransfer.fusion import fold_batchnorm
 from skltransfer.registry import forget_inference_copies, inference_copy
 
 from _support import TINY, make_image
@@ -113,72 +113,3 @@ def test_inference_copy_is_folded_made_once_and_leaves_the_source_alone():
     with torch.inference_mode():
         expected = source(x)
         torch.testing.assert_close(fresh(x), expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
-
-
-def _frozen_statistics(model: nn.Module) -> nn.Module:
-    """Training mode with every BatchNorm in inference mode: how FineTuneClassifier trains by default."""
-    model.train()
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.eval()
-    return model
-
-
-def _gradients(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    model.zero_grad()
-    out = model(x)
-    out.square().mean().backward()
-    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
-def test_training_fold_computes_the_same_outputs_and_gradients_and_leaves_the_model_as_it_was():
-    from timm.layers import BatchNormAct2d, Conv2dSame
-
-    model = nn.Sequential(  # a TF-"same" strided convolution (timm's Conv2dSame) and a plain one
-        Conv2dSame(3, 8, 3, stride=2), BatchNormAct2d(8, act_layer=nn.ReLU6),
-        nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=True), nn.BatchNorm2d(8), nn.Flatten(),
-    ).double()
-    _randomise_statistics(model)
-    _frozen_statistics(model)
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    x = torch.randn(2, 3, 15, 15, dtype=torch.double)
-    expected, expected_grads = _gradients(model, x)
-
-    with batchnorm_folded_for_training(model) as folded:
-        out, grads = _gradients(model, x)
-    assert folded == 2
-    torch.testing.assert_close(out, expected)
-    assert grads.keys() == expected_grads.keys() and len(grads) == 8  # kernels and biases, scales and shifts
-    for name in grads:
-        torch.testing.assert_close(grads[name], expected_grads[name], msg=name)
-
-    assert all("forward" not in vars(m) for m in model.modules())  # each module computes as its class does again
-    assert model.state_dict().keys() == state.keys()
-    for key, value in model.state_dict().items():
-        torch.testing.assert_close(value, state[key])  # running statistics included: nothing was updated
-    torch.testing.assert_close(model(x), expected)
-
-
-def test_training_fold_leaves_batchnorms_that_learn_statistics_and_restores_after_an_error():
-    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4))
-    model.train()
-    model[3].eval()  # only the second BatchNorm has frozen statistics
-    with pytest.raises(RuntimeError, match="inside"):
-        with batchnorm_folded_for_training(model) as folded:
-            assert folded == 1 and "forward" in vars(model[2]) and "forward" not in vars(model[0])
-            raise RuntimeError("inside")
-    assert all("forward" not in vars(m) for m in model.modules())
-
-
-def test_training_fold_matches_the_unfolded_step_on_a_timm_model():
-    model = load_backbone(TINY, weights=None).model.double().requires_grad_(True)
-    _randomise_statistics(model)
-    _frozen_statistics(model)
-    x = torch.randn(2, 3, 64, 64, dtype=torch.double)
-    expected, expected_grads = _gradients(model, x)
-    with batchnorm_folded_for_training(model) as folded:
-        out, grads = _gradients(model, x)
-    assert folded == _batchnorms(model) > 0
-    torch.testing.assert_close(out, expected)
-    for name in expected_grads:
-        torch.testing.assert_close(grads[name], expected_grads[name], msg=name)
