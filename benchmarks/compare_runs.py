@@ -14,6 +14,11 @@ seeds lie within 1.5 points.
 
 ``--rule report`` (a set kept for confirming a decision made elsewhere): the table, no verdict.
 
+A name may end in ``:<column>`` to read another column of the same runs: ``tta_cifar10_s0:tta_none``
+reads ``finetune_tta_none``, which ``finetune.py`` writes for ``--param tta=auto`` (the same fits
+scored without mirrors), so a setting that changes only the prediction compares with no
+difference of training between the two sides.
+
 ``--same-when-kept``: on the CPU a fit is deterministic for its seed, so where the defaults' run
 kept one of these epochs and the candidate cannot differ there (say, a candidate that changes only
 a refit the probe or the last epoch makes anyway), the candidate is not fitted: its score is the
@@ -41,11 +46,13 @@ def per_seed(names: list[str]) -> tuple[dict, dict, set]:
     """{(set, seed): (score, kept epoch, seconds)}, {set: frozen score}, {machine}."""
     runs, frozen, machines = {}, {}, set()
     for name in names:
+        name, _, column = name.partition(":")
         record = json.loads((RESULTS / f"{name}.json").read_text())
         machines.add(record["machine"])
         for row in record["sets"]:
             frozen[row["set"]] = row["frozen"]
-            for seed, score, kept, seconds in zip(row["seeds"], row["finetune"], row["kept_epoch"],
+            scores = row[f"finetune_{column}" if column else "finetune"]
+            for seed, score, kept, seconds in zip(row["seeds"], scores, row["kept_epoch"],
                                                   row["fit_seconds"]):
                 runs[row["set"], seed] = (score, kept, seconds)
     return runs, frozen, machines

@@ -97,12 +97,21 @@ def fit_one_seed(name, train, test, y_train, y_test, seed, params, threads=None)
     clf.fit(train, y_train)
     seconds = time.perf_counter() - start
     score = clf.score(test, y_test)
+    paired = {}
+    if clf.tta == "auto":  # the same fit scored with each mode too: a comparison free of training's noise
+        chosen = clf.tta_
+        for mode in (None, "flip"):
+            clf.tta_ = mode
+            paired[f"score_tta_{mode or 'none'}"] = score if mode == chosen else clf.score(test, y_test)
+        clf.tta_ = chosen
+        print(f"{name:<12} seed {seed}: tta chose {chosen}; test without {paired['score_tta_none']:6.1%}, "
+              f"with mirrors {paired['score_tta_flip']:6.1%}", flush=True)
     valid = " ".join(f"{h['epoch']}:{h['valid_accuracy']:.3f}" for h in clf.history_ if "valid_accuracy" in h)
     speeds = [h["images_per_second"] for h in clf.history_ if h["phase"] != "probe"]
     print(f"{name:<12} seed {seed}: FineTuneClassifier {score:6.1%} ({seconds:4.0f} s, "
           f"{np.mean(speeds) if speeds else float('nan'):4.1f} training images/s), "
           f"kept epoch {clf.best_epoch_}; validation {valid}", flush=True)
-    return {"score": score, "seconds": seconds, "kept": int(clf.best_epoch_)}
+    return {"score": score, "seconds": seconds, "kept": int(clf.best_epoch_), **paired}
 
 
 def compare(name, train, test, y_train, y_test, seeds, params, jobs: int = 1) -> dict:
@@ -122,8 +131,9 @@ def compare(name, train, test, y_train, y_test, seeds, params, jobs: int = 1) ->
     scores, times, kept = [f["score"] for f in fits], [f["seconds"] for f in fits], [f["kept"] for f in fits]
     print(f"{name:<12} mean of {len(seeds)} seeds: {np.mean(scores):6.1%} vs frozen {base:6.1%} "
           f"({100 * (np.mean(scores) - base):+.1f} points), {np.mean(times):.0f} s a fit", flush=True)
+    paired = {f"finetune_{k[len('score_'):]}": [f[k] for f in fits] for k in fits[0] if k.startswith("score_")}
     return {"set": name, "train_images": len(train), "test_images": len(test), "frozen": base,
-            "seeds": list(seeds), "finetune": scores, "fit_seconds": times, "kept_epoch": kept}
+            "seeds": list(seeds), "finetune": scores, "fit_seconds": times, "kept_epoch": kept, **paired}
 
 
 def finetune_table(rows: list[dict]) -> str:

@@ -133,7 +133,7 @@ def _parts(model: Any) -> dict[str, Any]:
         check_is_fitted(model)
         from .registry import inference_copy
 
-        network = inference_copy(model.model_, "cpu", tta=model.tta)
+        network = inference_copy(model.model_, "cpu", tta=model.tta_)
         classes = model.classes_
         return dict(network=network, preprocessing=model.preprocessing_, width=len(classes),
                     description=f"the fine-tuned {model.backbone!r}",

@@ -131,8 +131,13 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
         scaled up anyway, so they may lose little. The probe and the
         validation split see the same size, so a size that costs accuracy
         shows in ``history_``. At least 32.
-    tta : None or "flip", default=None
-        ``"flip"``: predictions average the logits of each image and its mirror.
+    tta : None, "flip" or "auto", default=None
+        ``"flip"``: predictions average the logits of each image and its
+        mirror. ``"auto"``: the same, only if it scores better on the
+        validation split (accuracy, then log-loss) with the state the fit
+        kept: mirrors help for photos and hurt for digits or text, and the
+        split can tell which. Without a split, ``"auto"`` does not mirror.
+        What was chosen is ``tta_``.
     freeze_batchnorm : bool, default=True
         Keep every BatchNorm's running statistics (inference mode) while
         training; its scale and shift still learn. False: BatchNorms in
@@ -246,6 +251,10 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
     best_epoch_ : int
         The epoch whose state was kept: 0 is the probe (the frozen pipeline,
         refitted on all images), ``None`` when no validation split chose.
+    tta_ : None or "flip"
+        The test-time augmentation predictions use: ``tta`` itself, or what
+        ``tta="auto"`` chose (the kept row of ``history_`` then holds
+        ``valid_accuracy_flip``, ``valid_loss_flip`` and ``tta``).
 
     Examples
     --------
@@ -279,7 +288,7 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
         "augment": ["boolean", StrOptions(set(AUGMENT_PRESETS)), callable],
         "crop": [StrOptions(set(CROP_POLICIES))],
         "input_size": [Interval(Integral, MIN_INPUT_SIZE, None, closed="left"), tuple, list, None],
-        "tta": [StrOptions({"flip"}), None],
+        "tta": [StrOptions({"flip", "auto"}), None],
         "freeze_batchnorm": ["boolean"],
         "class_weight": [StrOptions({"balanced"}), dict, None],
         "early_stopping": ["boolean", StrOptions({"auto"})],
@@ -423,7 +432,7 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
         outcome = fine_tune(model, classifier, self.unfreeze, items, targets, preprocessing,
                             self._augmentation(preprocessing), plan, device, split=split, features=features,
                             class_weight=self.class_weight, refit=self.refit,
-                            refit_epochs=self.refit_epochs,
+                            refit_epochs=self.refit_epochs, tta=self.tta,
                             history=self.history_ if continuing else ())
         self.model_ = model.to("cpu") if device.type != "cpu" else model
         forget_inference_copies(self.model_)  # warm_start trained the same module further
@@ -432,6 +441,7 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
         self.classes_ = classes
         self.history_ = outcome.history
         self.best_epoch_ = None if outcome.best is None else int(outcome.best["epoch"])
+        self.tta_ = outcome.tta
         self.n_trainable_parameters_ = sum(p.numel() for p in model.parameters())
         return self
 
@@ -517,7 +527,7 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
         # engine), made once per fitted model, device and engine.
         store = as_feature_cache(self.cache)
         model = inference_copy(self.model_, device, engine=engine, preprocessing=self.preprocessing_,
-                               engine_dir=None if store is None else store.engine_directory, tta=self.tta)
+                               engine_dir=None if store is None else store.engine_directory, tta=self.tta_)
         batch_size = resolve_batch_size(self.batch_size, device, self.preprocessing_.input_size)
         logits, failures = extract_features(model, self.preprocessing_, items, batch_size=batch_size, device=device,
                                             num_workers=self.num_workers, max_image_pixels=self.max_image_pixels,
@@ -550,6 +560,8 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
         for name, before in (("init_head", "random"), ("crop", "center"), ("tta", None),  # what they did then
                              ("freeze_batchnorm", False), ("precision", "auto"), ("refit_epochs", "kept")):
             state.setdefault(name, before)
+        if "classes_" in state:
+            state.setdefault("tta_", state["tta"])  # fitted before "auto": the parameter was the mode
         super().__setstate__(state)
         if model_state is not None:
             model, _, _ = build_classifier_architecture(self.backbone, len(self.classes_))

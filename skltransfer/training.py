@@ -27,6 +27,7 @@ from torch import nn
 
 from .decoding import DEFAULT_MAX_IMAGE_PIXELS, ImageFailure, ImageLoadError, describe_item
 from .inference import extract_features, image_batches
+from .pooling import FlipAveraged
 from .preprocessing import Preprocessing
 from .runtime import tune_allocator
 
@@ -255,17 +256,19 @@ class TrainingPlan:
 
 @dataclass
 class FineTuning:
-    """What :func:`fine_tune` did: the history (``history_``) and the row of the state kept (or None)."""
+    """What :func:`fine_tune` did: the history (``history_``), the row of the state kept (or None), the
+    test-time augmentation predictions use (``tta_``)."""
 
     history: list[dict[str, Any]]
     best: dict[str, Any] | None
+    tta: str | None = None
 
 
 def fine_tune(model: nn.Module, classifier: str, unfreeze: Any, items: Sequence[Any], targets: np.ndarray,
               preprocessing: Preprocessing, augment: Callable | None, plan: TrainingPlan, device: torch.device, *,
               split: tuple[np.ndarray, np.ndarray] | None = None, features: np.ndarray | None = None,
               class_weight: Any = None, refit: bool | str = True, refit_epochs: str = "all",
-              history: Sequence[dict[str, Any]] = ()) -> FineTuning:
+              tta: str | None = None, history: Sequence[dict[str, Any]] = ()) -> FineTuning:
     """The fine-tuning protocol, in one place: probe, train, choose, refit.
 
     1. **Probe** (with ``features``, the frozen features of every item): a
@@ -273,7 +276,11 @@ def fine_tune(model: nn.Module, classifier: str, unfreeze: Any, items: Sequence[
     2. **Train** on the training part (``split[0]``; every item without a
        split), scoring each epoch on ``split[1]`` (:func:`train_classifier`).
     3. **Choose**: the best trained state, unless the probe is as good
-       (``_choose``); the kept row is marked ``best``.
+       (``_choose``); the kept row is marked ``best``. With ``tta="auto"``,
+       the kept state is also scored on the validation split with each image
+       averaged with its mirror (``valid_accuracy_flip``, ``valid_loss_flip``
+       on the kept row), and predictions mirror too only if that scores
+       better (:func:`choose_tta`).
     4. **Refit** (``refit`` with a split): on every item, what won: the
        probe refitted, or the same training again from the same starting
        weights and seed, for as many epochs as the kept state had
@@ -309,6 +316,9 @@ def fine_tune(model: nn.Module, classifier: str, unfreeze: Any, items: Sequence[
         rows = train_classifier(model, classifier, unfreeze, train_items, train_targets, preprocessing, augment,
                                 plan, device, validation, start=start, history=history)
     best = next((row for row in reversed(rows) if row.get("best")), None) if validation is not None else None
+    chosen_tta = None if tta == "auto" else tta
+    if tta == "auto" and best is not None:
+        chosen_tta = choose_tta(model, best, validation, preprocessing, plan, device)
     if best is not None and best["phase"] == "probe":
         # The frozen pipeline won: the probe refitted on every image, as the README's pipeline is.
         set_linear_head(model, classifier, linear_probe(features, targets, n_classes, class_weight=class_weight))
@@ -332,7 +342,28 @@ def fine_tune(model: nn.Module, classifier: str, unfreeze: Any, items: Sequence[
             average_weights(model, validated_state)
             rows[-1]["mean_with_kept"] = True
     _mark_final(rows, best)
-    return FineTuning(rows, best)
+    return FineTuning(rows, best, chosen_tta)
+
+
+def choose_tta(model: nn.Module, row: dict[str, Any], validation: tuple[Sequence[Any], np.ndarray],
+               preprocessing: Preprocessing, plan: TrainingPlan, device: torch.device) -> str | None:
+    """``"flip"`` if the kept state scores better on the validation split with each image averaged with its mirror.
+
+    Whether a mirror image is the same class is a fact about the data:
+    photos, yes; digits and text, no. The validation split answers it for
+    the state it kept (``row``, whose plain scores it holds), by the order
+    that ranks the epochs: accuracy first, then log-loss. The flipped
+    scores join ``row`` (``valid_accuracy_flip``, ``valid_loss_flip``) and
+    the choice too (``tta``). A refit keeps the choice: it trains the same
+    way on more images.
+    """
+    metrics = evaluate(FlipAveraged(model), validation[0], validation[1], preprocessing, plan.class_weights,
+                       plan.batch_size, device, plan.max_image_pixels)
+    model.eval()
+    row["valid_accuracy_flip"], row["valid_loss_flip"] = metrics["valid_accuracy"], metrics["valid_loss"]
+    flipped = (metrics["valid_accuracy"], -metrics["valid_loss"])
+    row["tta"] = "flip" if flipped > (row["valid_accuracy"], -row["valid_loss"]) else None
+    return row["tta"]
 
 
 def average_weights(model: nn.Module, other: dict[str, torch.Tensor]) -> None:
