@@ -536,6 +536,80 @@ def test_tta_flip_predicts_an_image_and_its_mirror_alike(data):
     assert not np.allclose(plain.predict_proba(X), plain.predict_proba(X[:, :, ::-1].copy()), atol=1e-5)
 
 
+class _LeftHalf(nn.Module):
+    """Logits from the brightness of the left half only (class 1), or of each half (class 0 and 1)."""
+
+    def __init__(self, each_half: bool):
+        super().__init__()
+        self.each_half = each_half
+
+    def forward(self, x):
+        half = x.shape[-1] // 2
+        left, right = x[..., :half].mean(dim=(1, 2, 3)), x[..., half:].mean(dim=(1, 2, 3))
+        zero = 4 * right if self.each_half else torch.full_like(left, -1.0)
+        return torch.stack([zero, 4 * left], dim=1)
+
+
+def _half_bright(sides: list[str]) -> np.ndarray:
+    X = np.zeros((len(sides), 32, 32, 3), dtype=np.uint8)
+    for image, side in zip(X, sides):
+        if side != "dark":
+            image[:, slice(0, 16) if side == "left" else slice(16, 32)] = 255
+    return X
+
+
+@pytest.mark.parametrize("mirror_is_same_class", [True, False])
+def test_tta_auto_mirrors_only_where_the_validation_split_scores_mirrors_better(mirror_is_same_class):
+    from skltransfer.backbones import load_classifier
+    from skltransfer.training import TrainingPlan, choose_tta, evaluate
+
+    if mirror_is_same_class:  # bright on either side is class 1; a left-half detector misses the right-bright ones
+        sides, y = ["dark"] * 10 + ["left"] * 5 + ["right"] * 5, np.repeat([0, 1], 10)
+    else:  # bright left is class 1, bright right class 0: the mirror swaps the classes
+        sides, y = ["right"] * 10 + ["left"] * 10, np.repeat([0, 1], 10)
+    X = list(_half_bright(sides))
+    _, pre, _ = load_classifier(TINY, None, 2)
+    model = _LeftHalf(each_half=not mirror_is_same_class)
+    plan = TrainingPlan.from_estimator(FineTuneClassifier(batch_size=8), CPU)
+    row = {"epoch": 3, **evaluate(model, X, y, pre, None, 8, CPU)}
+    chosen = choose_tta(model, row, (X, y), pre, plan, CPU)
+    if mirror_is_same_class:
+        assert (row["valid_accuracy"], row["valid_accuracy_flip"]) == (0.75, 1.0) and chosen == "flip"
+    else:
+        assert (row["valid_accuracy"], row["valid_accuracy_flip"]) == (1.0, 0.5) and chosen is None
+    assert row["tta"] == chosen
+
+
+def test_tta_auto_records_its_choice_and_predictions_follow_it(monkeypatch, tmp_path):
+    from skltransfer import load, save, training
+
+    X, y = _blobs()
+    for choice in ("flip", None):
+        def fake_choice(model, row, *args, choice=choice):
+            row["tta"] = choice
+            return choice
+
+        monkeypatch.setattr(training, "choose_tta", fake_choice)
+        clf = tiny(tta="auto", early_stopping=True, engine="torch").fit(X, y)
+        assert clf.tta_ == choice and clf.history_[clf.best_epoch_]["tta"] == choice
+        as_chosen = clone(clf).set_params(tta=choice).fit(X, y)
+        assert as_chosen.tta_ == choice
+        np.testing.assert_array_equal(clf.predict_proba(X), as_chosen.predict_proba(X))
+        path = tmp_path / f"model-{choice}.skops"
+        save(clf, path)
+        assert load(path).tta_ == choice
+    # Without a split nothing can say whether mirrors are the same class: no mirroring.
+    unsplit = tiny(tta="auto", early_stopping=False).fit(X, y)
+    assert unsplit.tta_ is None and not any("tta" in h for h in unsplit.history_)
+    assert tiny(tta="flip").fit(X, y).tta_ == "flip"
+    # A model pickled before tta_ existed predicts with the mode its tta parameter named.
+    state = clf.__getstate__()
+    del state["tta_"]
+    old = FineTuneClassifier.__new__(FineTuneClassifier)
+    old.__setstate__({**state, "tta": "flip"})
+    assert old.tta_ == "flip"
+
+
 def test_16_bit_training_precisions_the_cpu_cannot_run_are_refused(data):
     with pytest.raises(ValueError, match="float16 is for GPUs"):
         tiny(precision="float16", device="cpu").fit(*data)
