@@ -12,7 +12,8 @@ its mean is at least the frozen README pipeline - 0.5; adopted when, on top, its
 frozen across the sets is higher than the defaults' (a tie keeps the defaults) and its cifar10
 seeds lie within 1.5 points.
 
-``--rule report`` (a set kept for confirming a decision made elsewhere): the table, no verdict.
+``--rule report`` (a set kept for confirming a decision made elsewhere, or columns shown beside one): the
+table, no verdict.
 
 A name may end in ``:<column>`` to read another column of the same runs: ``tta_cifar10_s0:tta_none``
 reads ``finetune_tta_none``, which ``finetune.py`` writes for ``--param tta=auto`` (the same fits
@@ -136,7 +137,7 @@ def main() -> None:
                      f"{': ' + '; '.join(failed) if failed else ''}.")
     elif args.rule == "report":
         verdict = None
-        notes.append("A set kept for confirming: reported, not used to decide.")
+        notes.append("Reported only: no decision rests on this table.")
     else:
         gain = {who: float(np.mean([np.mean(v[who]) - v["frozen"] for v in figures["sets"].values()]))
                 for who in ("defaults", "candidate")}
