@@ -135,9 +135,11 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
         ``"flip"``: predictions average the logits of each image and its
         mirror. ``"auto"``: the same, only if it scores better on the
         validation split (accuracy, then log-loss) with the state the fit
-        kept: mirrors help for photos and hurt for digits or text, and the
-        split can tell which. Without a split, ``"auto"`` does not mirror.
-        What was chosen is ``tta_``.
+        kept: mirrors help for photos and hurt for digits or text. A split
+        of a few hundred images or fewer cannot see a gain or loss of a
+        point reliably, so on the shared sets this was no better than
+        ``None`` overall (the guide has the runs). Without a split,
+        ``"auto"`` does not mirror. What was chosen is ``tta_``.
     freeze_batchnorm : bool, default=True
         Keep every BatchNorm's running statistics (inference mode) while
         training; its scale and shift still learn. False: BatchNorms in

@@ -350,9 +350,10 @@ def choose_tta(model: nn.Module, row: dict[str, Any], validation: tuple[Sequence
     """``"flip"`` if the kept state scores better on the validation split with each image averaged with its mirror.
 
     Whether a mirror image is the same class is a fact about the data:
-    photos, yes; digits and text, no. The validation split answers it for
+    photos, yes; digits and text, no. The validation split is asked, for
     the state it kept (``row``, whose plain scores it holds), by the order
-    that ranks the epochs: accuracy first, then log-loss. The flipped
+    that ranks the epochs: accuracy first, then log-loss; its answer is
+    only as sure as its size allows. The flipped
     scores join ``row`` (``valid_accuracy_flip``, ``valid_loss_flip``) and
     the choice too (``tta``). A refit keeps the choice: it trains the same
     way on more images.
