@@ -32,8 +32,8 @@ from .preprocessing import Preprocessing
 from .runtime import tune_allocator
 
 __all__ = [
-    "AUGMENT_PRESETS", "FineTuning", "TrainingPlan", "average_weights", "fine_tune", "layer_groups", "linear_probe",
-    "select_trainable", "set_linear_head", "train_classifier", "training_augmentation",
+    "AUGMENT_PRESETS", "FineTuning", "TrainingPlan", "average_weights", "choose_tta", "fine_tune", "layer_groups",
+    "linear_probe", "select_trainable", "set_linear_head", "train_classifier", "training_augmentation",
 ]
 
 
