@@ -83,7 +83,7 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
         Most epochs with ``unfreeze`` applied (early stopping may end sooner).
     head_epochs : int, default=0
         Epochs before those, training only the head (fastai's ``fine_tune``).
-    learning_rate : float, default=1e-4
+    learning_rate : float, default=2e-4
         Peak learning rate of the head.
     backbone_lr_ratio : float, default=1.0
         Pretrained layers learn at ``learning_rate * backbone_lr_ratio``
@@ -319,7 +319,7 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
         unfreeze: int | str | list[str] = "all",
         epochs: int = 8,
         head_epochs: int = 0,
-        learning_rate: float = 1e-4,
+        learning_rate: float = 2e-4,
         backbone_lr_ratio: float = 1.0,
         layer_decay: float | None = None,
         weight_decay: float = 0.01,
