@@ -59,6 +59,7 @@ __all__ = [
     "decode_rgb_array",
     "describe_item",
     "read_item_bytes",
+    "try_image_size",
 ]
 
 ImageItem = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray]
@@ -295,6 +296,51 @@ def try_decode_rgb(
         return None, str(exc)
     except MemoryError:
         return None, "out of memory while decoding"
+
+
+def try_image_size(
+    item: ImageItem, *, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
+) -> tuple[tuple[int, int] | None, str | None]:
+    """``((height, width), None)`` as the image displays, or ``(None, reason)``; no pixel decoded.
+
+    Encoded images are measured from their header (with the EXIF rotation of
+    JPEGs), PIL images and arrays from their size, under the same checks as
+    :func:`decode_rgb`. The file is still read whole: this is for sampling
+    sizes, not for scanning a large collection.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> try_image_size(np.zeros((4, 6, 3), dtype=np.uint8))
+    ((4, 6), None)
+    >>> try_image_size(b"not an image")
+    (None, 'not an image file (unrecognised format)')
+    """
+    try:
+        if isinstance(item, (str, os.PathLike, bytes, bytearray, memoryview)):
+            data = read_item_bytes(item) if isinstance(item, (str, os.PathLike)) else bytes(item)
+            if not data:
+                raise _BadImage("empty bytes object")
+            _, header = _read_header(data, max_pixels)
+            width, height = header.width, header.height
+            if header.orientation in _TRANSPOSING:
+                width, height = height, width
+            return (height, width), None
+        if isinstance(item, Image.Image):
+            width, height = item.size
+            _check_pixels(width, height, max_pixels)
+            try:
+                if int(item.getexif().get(0x0112, 1)) in _TRANSPOSING:
+                    width, height = height, width
+            except Exception:  # a broken EXIF block: decode_rgb ignores it too
+                pass
+            return (height, width), None
+        if isinstance(item, np.ndarray) and item.ndim in (2, 3):
+            _check_pixels(item.shape[1], item.shape[0], max_pixels)
+            return (int(item.shape[0]), int(item.shape[1])), None
+        return _decode_array(item, None, max_pixels).shape[:2], None  # the decoder says why not
+    except _BadImage as exc:
+        return None, str(exc)
 
 
 def _decode(item: ImageItem, min_size: SizeNeeded | None, max_pixels: int | None) -> torch.Tensor:

@@ -29,7 +29,7 @@ from .decoding import DEFAULT_MAX_IMAGE_PIXELS, ImageLoadError, as_image_items
 from .engines import ENGINES, resolve_engine
 from .features import PretrainedFeatures
 from .inference import extract_features
-from .preprocessing import CROP_POLICIES, MIN_INPUT_SIZE, check_input_size
+from .preprocessing import CROP_POLICIES, MIN_INPUT_SIZE, auto_input_size, check_input_size
 from .registry import forget_inference_copies, inference_copy
 from .runtime import PRECISIONS, resolve_batch_size, resolve_device
 from .training import AUGMENT_PRESETS, TrainingPlan, fine_tune, training_augmentation
@@ -123,14 +123,18 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
         The eval geometry (validation and prediction), as for
         :class:`~skltransfer.PretrainedFeatures`: ``"auto"`` resizes images
         smaller than the input without cropping and centre-crops the rest.
-    input_size : None, int or (height, width), default=None
+    input_size : "auto", None, int or (height, width), default=None
         The size the network trains and predicts at. ``None``: the size its
         weights were trained at (224 for EfficientNet-Lite0). Smaller is
         proportionally faster, in training and in prediction (128 is about a
         third of the compute of 224); images much smaller than the input are
-        scaled up anyway, so they may lose little. The probe and the
-        validation split see the same size, so a size that costs accuracy
-        shows in ``history_``. At least 32.
+        scaled up anyway, so they may lose little. ``"auto"``: 160 px
+        (:func:`~skltransfer.preprocessing.auto_input_size`) where the median
+        training image is at most 64 px on its longer side (digits, icons,
+        CIFAR-like thumbnails), the weights' size otherwise. The probe and
+        the validation split see the same size, so a size that costs
+        accuracy shows in ``history_``; the size used is
+        ``preprocessing_.input_size``. At least 32.
     tta : None, "flip" or "auto", default=None
         ``"flip"``: predictions average the logits of each image and its
         mirror. ``"auto"``: the same, only if it scores better on the
@@ -289,7 +293,8 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
         "ema_epochs": [Interval(Real, 0, None, closed="neither"), None],
         "augment": ["boolean", StrOptions(set(AUGMENT_PRESETS)), callable],
         "crop": [StrOptions(set(CROP_POLICIES))],
-        "input_size": [Interval(Integral, MIN_INPUT_SIZE, None, closed="left"), tuple, list, None],
+        "input_size": [Interval(Integral, MIN_INPUT_SIZE, None, closed="left"), tuple, list,
+                       StrOptions({"auto"}), None],
         "tta": [StrOptions({"flip", "auto"}), None],
         "freeze_batchnorm": ["boolean"],
         "class_weight": [StrOptions({"balanced"}), dict, None],
@@ -330,7 +335,7 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
         ema_epochs: float | None = 1.0,
         augment: bool | str | Any = "auto",
         crop: str = "auto",
-        input_size: int | tuple[int, int] | None = None,
+        input_size: int | tuple[int, int] | str | None = None,
         tta: str | None = None,
         freeze_batchnorm: bool = True,
         class_weight: str | dict | None = None,
@@ -414,7 +419,7 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
         continuing = self.warm_start and hasattr(self, "model_")
         if continuing and not np.array_equal(classes, self.classes_):
             raise ValueError(f"warm_start: the classes changed from {self.classes_.tolist()} to {classes.tolist()}")
-        if self.input_size is not None:
+        if self.input_size is not None and not isinstance(self.input_size, str):
             check_input_size(self.input_size)
         device = resolve_device(self.device)
         seed = int(check_random_state(self.random_state).randint(0, 2**31 - 1))
@@ -427,10 +432,13 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
             model.requires_grad_(True)
         else:
             model, preprocessing, classifier = load_classifier(self.backbone, self.weights, len(classes), seed=seed)
-            preprocessing = preprocessing.with_crop(self.crop).with_input_size(self.input_size)
+            input_size = self.input_size
+            if input_size == "auto":
+                input_size = auto_input_size(items, preprocessing.input_size, max_pixels=self.max_image_pixels)
+            preprocessing = preprocessing.with_crop(self.crop).with_input_size(input_size)
         features = None
         if self.init_head == "probe" and not continuing:
-            features = self._frozen_features(items, model, classifier)
+            features = self._frozen_features(items, model, classifier, input_size)
         outcome = fine_tune(model, classifier, self.unfreeze, items, targets, preprocessing,
                             self._augmentation(preprocessing), plan, device, split=split, features=features,
                             class_weight=self.class_weight, refit=self.refit,
@@ -462,15 +470,16 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
                                                 stratify=targets, random_state=seed)
         return np.sort(train_idx), np.sort(valid_idx)
 
-    def _frozen_features(self, items, model: torch.nn.Module, classifier: str) -> np.ndarray | None:
-        """The backbone's frozen features of every item, through PretrainedFeatures and its cache.
+    def _frozen_features(self, items, model: torch.nn.Module, classifier: str,
+                         input_size: tuple[int, int] | int | None) -> np.ndarray | None:
+        """The backbone's frozen features of every item at ``input_size``, through PretrainedFeatures and its cache.
 
         None (after a warning) when they are not what the classifier reads.
         """
         extractor = PretrainedFeatures(
             self.backbone, weights=self.weights, crop=self.crop, device=self.device, engine=self.engine,
             num_workers=self.num_workers, max_image_pixels=self.max_image_pixels, precision="float32",
-            cache=self.cache, input_size=self.input_size,
+            cache=self.cache, input_size=input_size,
         )
         width = model.get_submodule(classifier).in_features
         features = extractor.fit_transform(items)

@@ -26,14 +26,16 @@ import dataclasses
 import math
 import numbers
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from typing import TYPE_CHECKING
+import numpy as np
+
+from .decoding import DEFAULT_MAX_IMAGE_PIXELS, try_image_size
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["CROP_POLICIES", "INTERPOLATIONS", "MAX_STRETCH", "Preprocessing", "interpolation_mode"]
+__all__ = ["CROP_POLICIES", "INTERPOLATIONS", "MAX_STRETCH", "Preprocessing", "auto_input_size", "interpolation_mode"]
 
 #: ``crop`` policies: ``"center"`` the model's own resize + centre crop;
 #: ``"none"`` resize straight to the input size (nothing cut, aspect not kept);
@@ -301,3 +303,48 @@ def check_input_size(size: Any) -> tuple[int, int]:
         raise ValueError(f"input_size must be None, an int or (height, width) of ints >= {MIN_INPUT_SIZE}, "
                          f"got {size!r}")
     return int(height), int(width)
+
+
+#: ``input_size="auto"``: training images whose median longer side is at most this many pixels
+#: are *small* (digits, icons, CIFAR-like thumbnails): every pixel the network sees at its own
+#: size is interpolated from a few, so a smaller input shows them as well.
+SMALL_IMAGE_SIDE = 64
+
+#: ``input_size="auto"``: the shorter input side small images train and predict at (about half
+#: the compute of 224 px); chosen for, and measured on, EfficientNet-Lite0 (the user guide's
+#: "Small images" section has the figures).
+SMALL_IMAGE_INPUT = 160
+
+#: Images whose size ``auto_input_size`` reads: enough for a median, few enough to stay cheap.
+SIZE_SAMPLE = 256
+
+
+def auto_input_size(items, native: tuple[int, int], *,
+                    max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[int, int] | None:
+    """The input size ``input_size="auto"`` trains at: smaller for small images, else ``None``.
+
+    Reads the sizes (headers only) of up to ``SIZE_SAMPLE`` images spread
+    evenly through ``items``. If the median image's longer side is at most
+    ``SMALL_IMAGE_SIDE`` pixels, returns ``native`` scaled so that its
+    shorter side is ``SMALL_IMAGE_INPUT`` (rounded to a multiple of 8);
+    ``None`` (the native size) when the images are larger, when ``native``
+    is no larger than that already, or when no sampled image can be read
+    (decoding reports those later, naming each).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> auto_input_size(np.zeros((10, 32, 32, 3), dtype=np.uint8), (224, 224))
+    (160, 160)
+    >>> auto_input_size(np.zeros((10, 96, 128, 3), dtype=np.uint8), (224, 224)) is None
+    True
+    """
+    if min(native) <= SMALL_IMAGE_INPUT or len(items) == 0:
+        return None
+    positions = np.unique(np.linspace(0, len(items) - 1, min(len(items), SIZE_SAMPLE)).round().astype(int))
+    sides = [max(size) for size, _ in (try_image_size(items[int(i)], max_pixels=max_pixels) for i in positions)
+             if size is not None]
+    if not sides or float(np.median(sides)) > SMALL_IMAGE_SIDE:
+        return None
+    scale = SMALL_IMAGE_INPUT / min(native)
+    return tuple(max(MIN_INPUT_SIZE, int(round(side * scale / 8)) * 8) for side in native)

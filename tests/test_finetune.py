@@ -637,3 +637,24 @@ def test_stopping_waits_for_training_to_stop_improving_not_for_it_to_pass_the_pr
                                         validation=(list(X[:4]), targets[:4]), start={"epoch": 0, "phase": "probe"})
     assert [h["epoch"] for h in history] == [0, 1, 2, 3, 4, 5]  # never stopped: training kept improving
     assert history[0].get("best")  # and the probe, better than all of it, was kept
+
+
+def test_input_size_auto_trains_small_images_smaller_and_photos_at_the_weights_size(tmp_path, monkeypatch):
+    from sklearn.linear_model import LogisticRegression
+
+    import skltransfer.preprocessing
+    from skltransfer import PretrainedFeatures, load, save
+
+    # The test backbone's own size is 160, the size "auto" picks for small images with Lite0's 224;
+    # a smaller pick shows the rule at work here.
+    monkeypatch.setattr(skltransfer.preprocessing, "SMALL_IMAGE_INPUT", 96)
+    X, y = _blobs()  # 48 x 48 px: small
+    clf = tiny(epochs=0, early_stopping=False, random_state=5, input_size="auto").fit(X, y)
+    assert clf.preprocessing_.input_size == (96, 96)
+    frozen = make_pipeline(PretrainedFeatures(TINY, weights=None, cache=None, input_size=96),
+                           LogisticRegression(max_iter=1000))
+    np.testing.assert_allclose(clf.predict_proba(X), frozen.fit(X, y).predict_proba(X), atol=1e-5)
+    save(clf, tmp_path / "m.skops")
+    assert load(tmp_path / "m.skops").preprocessing_.input_size == (96, 96)
+    photos = np.repeat(np.repeat(X, 2, axis=1), 2, axis=2)  # 96 x 96 px: not small
+    assert tiny(epochs=0, early_stopping=False, input_size="auto").fit(photos, y).preprocessing_.input_size == (160, 160)

@@ -53,3 +53,32 @@ def test_another_input_size_keeps_the_crop_fraction_and_refuses_what_cannot_run(
     for bad in (16, 0, (128,), (128, 16), 128.0, True, "128"):
         with pytest.raises(ValueError, match="input_size"):
             check_input_size(bad)
+
+
+def test_auto_input_size_is_smaller_only_where_the_median_image_is_small(tmp_path):
+    from PIL import Image
+
+    from _support import encode, make_image
+    from skltransfer.preprocessing import auto_input_size
+
+    thumbnails = np.zeros((10, 32, 32, 3), dtype=np.uint8)
+    assert auto_input_size(thumbnails, (224, 224)) == (160, 160)
+    assert auto_input_size(thumbnails, (224, 288)) == (160, 208)  # the shorter side to 160, the aspect kept
+    assert auto_input_size(thumbnails, (160, 160)) is None  # nothing smaller to gain
+    photos = [encode(make_image(i, size=(120, 90))) for i in range(5)]
+    assert auto_input_size(photos, (224, 224)) is None
+    # The median decides: three small of five is small, two of five is not.
+    assert auto_input_size(photos[:2] + [encode(make_image(9, size=(24, 64)))] * 3, (224, 224)) == (160, 160)
+    assert auto_input_size(photos[:3] + [encode(make_image(9, size=(24, 64)))] * 2, (224, 224)) is None
+    # The size as displayed: a JPEG rotated by EXIF is measured after the rotation.
+    rotated = tmp_path / "rotated.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(make_image(1, size=(40, 200))).save(rotated, exif=exif.tobytes())
+    from skltransfer.decoding import try_image_size
+
+    assert try_image_size(rotated) == ((200, 40), None)
+    # Unreadable images do not count (decoding names them later); none readable: the weights' size.
+    assert auto_input_size([b"junk", tmp_path / "missing.png"] + [encode(thumbnails[0], "PNG")], (224, 224)) \
+        == (160, 160)
+    assert auto_input_size([b"junk", tmp_path / "missing.png"], (224, 224)) is None
