@@ -12,13 +12,14 @@ cannot help, and takes the gain where it can.
 By default this runs on scikit-learn's 8 x 8 handwritten digits written out as PNG
 files (installed with scikit-learn: no download), far from ImageNet's photos, where
 fine-tuning pays. Pass a folder with ``train/`` and ``test/`` class folders to use
-your own images. About 2-3 minutes on 2 CPU cores for 600 digits; the documentation's
+your own images. A few minutes on 2 CPU cores for 600 digits; the documentation's
 gallery runs it on 140 digits for at most 4 epochs (``--max-images 140 --epochs 4``), to
 build in well under a minute; the figure's title says which state that small run kept.
 
-Small images train faster at a smaller input (``--input-size 160``: about half the
-compute of 224). By default each epoch is scored, and kept, as a moving average of the
-weights over about one epoch (``--ema-epochs 0``: the raw weights, whose validation curve
+Small images train faster at a smaller input (``--input-size auto``: 160 px for these 8 px
+digits, about half the compute of the weights' 224 px; the figure's title says the size).
+By default each epoch is scored, and kept, as a moving average of the weights over about one
+epoch (``--ema-epochs 0``: the raw weights, whose validation curve
 swings more). ``--refit-epochs kept`` stops early, keeps the best epoch and refits a fine-tuned
 winner for that many epochs, instead of validating and refitting the whole schedule
 (the default); compare the curves and the test accuracy on your images. ``--tta auto``
@@ -29,7 +30,7 @@ same digit in a mirror, so there it should not mirror).
 Usage::
 
     python examples/plot_finetune_learning_curve.py [IMAGES_DIR] [--max-images 600] [--epochs 8]
-        [--input-size 160] [--ema-epochs 1] [--refit-epochs kept|all] [--tta flip|auto]
+        [--input-size auto|160] [--ema-epochs 1] [--refit-epochs kept|all] [--tta flip|auto]
         [--out learning_curve.png]
 """
 
@@ -50,7 +51,8 @@ parser = argparse.ArgumentParser()
 parser.add_argument("images", nargs="?", type=Path, help="a folder with train/ and test/ class folders")
 parser.add_argument("--max-images", type=int, default=600, help="digits to use (without IMAGES_DIR)")
 parser.add_argument("--epochs", type=int, default=8, help="most fine-tuning epochs (FineTuneClassifier's default: 8)")
-parser.add_argument("--input-size", type=int, help="the size the network sees (default: the weights' own, 224)")
+parser.add_argument("--input-size", type=lambda s: s if s == "auto" else int(s),
+                    help="the size the network sees: pixels, or 'auto' (default: the weights' own, 224)")
 parser.add_argument("--ema-epochs", type=float, help="average the weights over about this many epochs (0: none)")
 parser.add_argument("--refit-epochs", choices=["kept", "all"], help="how long a fine-tuned winner is refitted")
 parser.add_argument("--tta", choices=["flip", "auto"], help="mirrored predictions (auto: if the split says so)")
@@ -104,7 +106,8 @@ acc_ax.set_ylabel("accuracy")
 kept = "the frozen pipeline (probe)" if clf.best_epoch_ == 0 else f"fine-tuned, epoch {clf.best_epoch_}"
 acc_ax.set_title(f"test accuracy {accuracy:.1%}: {kept}", fontsize=10)
 options = ", ".join(f"{k}={v!r}" for k, v in chosen.items())
-fig.suptitle(f"FineTuneClassifier({options}) on {what}", fontsize=11)
+size = "x".join(map(str, clf.preprocessing_.input_size))
+fig.suptitle(f"FineTuneClassifier({options}) on {what}, at {size} px", fontsize=11)
 fig.tight_layout()
 fig.savefig(args.out, dpi=110)
 refits = sum(h["phase"] == "refit" for h in clf.history_)
