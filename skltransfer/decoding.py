@@ -317,10 +317,8 @@ def try_image_size(
     (None, 'not an image file (unrecognised format)')
     """
     try:
-        if isinstance(item, (str, os.PathLike, bytes, bytearray, memoryview)):
-            data = read_item_bytes(item) if isinstance(item, (str, os.PathLike)) else bytes(item)
-            if not data:
-                raise _BadImage("empty bytes object")
+        data = _encoded_bytes(item)
+        if data is not None:
             _, header = _read_header(data, max_pixels)
             width, height = header.width, header.height
             if header.orientation in _TRANSPOSING:
@@ -359,12 +357,9 @@ def _chw_tensor(rgb: np.ndarray) -> torch.Tensor:
 def _decode_array(item: ImageItem, min_size: SizeNeeded | None, max_pixels: int | None, *,
                   fast_jpeg: bool = False):
     """``(H, W, 3)`` uint8 pixels; with ``fast_jpeg`` a full-size JPEG comes as torchvision's ``(3, H, W)`` tensor."""
-    if isinstance(item, (str, os.PathLike)):
-        return _decode_bytes(read_item_bytes(item), min_size, max_pixels, fast_jpeg=fast_jpeg)
-    if isinstance(item, (bytes, bytearray, memoryview)):
-        if len(item) == 0:
-            raise _BadImage("empty bytes object")
-        return _decode_bytes(bytes(item), min_size, max_pixels, fast_jpeg=fast_jpeg)
+    data = _encoded_bytes(item)
+    if data is not None:
+        return _decode_bytes(data, min_size, max_pixels, fast_jpeg=fast_jpeg)
     if isinstance(item, Image.Image):
         _check_pixels(item.size[0], item.size[1], max_pixels)
         return _from_pil(item)
@@ -376,6 +371,17 @@ def _decode_array(item: ImageItem, min_size: SizeNeeded | None, max_pixels: int 
         f"unsupported input type {type(item).__name__}; expected a path, bytes, "
         "a PIL image or a uint8 array"
     )
+
+
+def _encoded_bytes(item: ImageItem) -> bytes | None:
+    """The encoded bytes of a path or bytes item (read from disk for a path); None for pixels."""
+    if isinstance(item, (str, os.PathLike)):
+        return read_item_bytes(item)
+    if isinstance(item, (bytes, bytearray, memoryview)):
+        if len(item) == 0:
+            raise _BadImage("empty bytes object")
+        return bytes(item)
+    return None
 
 
 _JPEG_MAGIC = b"\xff\xd8\xff"
