@@ -9,11 +9,12 @@ split is scored once per fit, at the end). Then FineTuneClassifier's per-epoch t
 throughput vs a hand-written timm training loop with the same settings; last, prediction speed
 through the folded copy predict uses vs through the model as trained. With ``--fit-time``, one
 cifar10-dev fit with every core, the defaults and then the ``--param`` setting, timed in the same
-run (``results/finetune_fit_time``).
+run (``results/finetune_fit_time``). With ``--backbone-speed NAME ...``, the training throughput of
+the fit's own loop with each named timm backbone against the default's (``results/backbone_training_speed``).
 
     python benchmarks/finetune.py [--data ../shared/data] [--sets hymenoptera flowers5 cifar10 digits]
         [--seeds 0 1 2] [--param learning_rate=2e-4 ...] [--skip accuracy speed predict] [--jobs 1]
-        [--fit-time]
+        [--fit-time] [--backbone-speed mobilenetv3_large_100 ...]
 
 Sets: hymenoptera (its train/test folders), flowers5 at 100 a class (the first 100 a class of a
 stable 80/20 hash split; tested on that split's 859), cifar10-dev (train/test folders), digits
@@ -170,6 +171,8 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1, help="seeds fitted at once (one process each)")
     parser.add_argument("--fit-time", action="store_true",
                         help="also time one cifar10-dev fit with every core: the defaults, then --param")
+    parser.add_argument("--backbone-speed", nargs="*", default=[], metavar="NAME",
+                        help="also measure the training throughput of these timm backbones against the default's")
     args = parser.parse_args()
     params = parse_params(args.param)
     print(f"CPU: {cpu_model()}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
@@ -196,6 +199,8 @@ def main() -> None:
         prediction_speed(args.data / "hymenoptera")
     if args.fit_time:
         fit_time(args.data, params)
+    if args.backbone_speed:
+        backbone_training_speed(args.data, args.backbone_speed)
 
 
 def fit_time(data: Path, params: dict, seed: int = 0) -> None:
@@ -225,6 +230,42 @@ def fit_time(data: Path, params: dict, seed: int = 0) -> None:
               f"{torch.get_num_threads()} threads: {ratio:.2f}x the defaults' time."]
     write_results("finetune_fit_time", {"threads": torch.get_num_threads(), "seed": seed, "fits": rows,
                                         "ratio": ratio}, "\n".join(lines))
+
+
+def backbone_training_speed(data: Path, names: list[str], images: int = 320, epochs: int = 3) -> None:
+    """Training images/s of the fit's own loop, the default backbone and then each of ``names``, in one run.
+
+    Each backbone fine-tunes ``FineTuneClassifier(name, weights=None, epochs=3,
+    early_stopping=False, init_head="random")`` on 320 cifar10-dev training images with
+    every core: random weights, because a step's cost does not depend on the weights'
+    values and the other backbones' pretrained weights need the network; so nothing here
+    measures what they score. The throughput is the mean of the epochs' ``images_per_second``;
+    a default fit's training (8 epochs on 800 images and 8 on 1,000: the validated run and the
+    refit) scales with it, so the ratio applies to ``results/finetune_fit_time``'s fits.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        train, _, y_train, _ = load_set("cifar10", data, Path(tmp))
+    keep = np.arange(0, len(train), max(1, len(train) // images))[:images]
+    train, y_train = [train[i] for i in keep], y_train[keep]
+    default = FineTuneClassifier().backbone
+    rows = []
+    for name in [default, *names]:
+        clf = FineTuneClassifier(name, weights=None, epochs=epochs, early_stopping=False, init_head="random",
+                                 random_state=0).fit(train, y_train)
+        rates = [row["images_per_second"] for row in clf.history_ if row["phase"] == "tune"]
+        rows.append({"backbone": name, "input_size": list(clf.preprocessing_.input_size),
+                     "images_per_second": float(np.mean(rates)), "epochs": rates})
+        rows[-1]["time_ratio"] = rows[0]["images_per_second"] / rows[-1]["images_per_second"]
+        print(f"{name}: {rows[-1]['images_per_second']:.1f} training images/s, {rows[-1]['time_ratio']:.2f}x "
+              f"the default's time", flush=True)
+    lines = ["| backbone | input | training images/s | training time against the default |", "|---|---|---|---|"]
+    lines += [f"| `{r['backbone']}` | {r['input_size'][0]} px | {r['images_per_second']:.1f} | {r['time_ratio']:.2f}x |"
+              for r in rows]
+    lines += ["", f"`FineTuneClassifier(backbone, weights=None, epochs={epochs}, early_stopping=False, "
+              f"init_head='random')` on {len(train)} cifar10-dev training images, {torch.get_num_threads()} threads, "
+              "one run; random weights, so the accuracy of these backbones is not measured here."]
+    write_results("backbone_training_speed", {"threads": torch.get_num_threads(), "images": len(train),
+                                              "backbones": rows}, "\n".join(lines))
 
 
 def prediction_speed(folder: Path, repeats: int = 3) -> None:
