@@ -235,9 +235,9 @@ def fit_time(data: Path, params: dict, seed: int = 0) -> None:
 def backbone_training_speed(data: Path, names: list[str], images: int = 320, epochs: int = 3) -> None:
     """Training images/s of the fit's own loop, the default backbone and then each of ``names``, in one run.
 
-    Each backbone fine-tunes ``FineTuneClassifier(name, weights=None, epochs=3,
-    early_stopping=False, init_head="random")`` on 320 cifar10-dev training images with
-    every core: random weights, because a step's cost does not depend on the weights'
+    Each backbone fine-tunes ``FineTuneClassifier(name, weights=None, epochs=epochs,
+    early_stopping=False, init_head="random")`` on ``images`` cifar10-dev training images
+    (spread over the classes) with every core: random weights, because a step's cost does not depend on the weights'
     values and the other backbones' pretrained weights need the network; so nothing here
     measures what they score. The throughput is the mean of the epochs' ``images_per_second``;
     a default fit's training (8 epochs on 800 images and 8 on 1,000: the validated run and the
