@@ -14,7 +14,9 @@ that is. Batching and decoding stay in :mod:`~skltransfer.inference`.
   a new process, a ``GridSearchCV`` worker or a CLI run reads it in a
   fraction of a second instead of converting again.
 * ``"auto"``: OpenVINO on the CPU when it is installed, torch otherwise
-  (and always on CUDA).
+  (and always on CUDA); ``precision="int8"``: ONNX Runtime on the int8
+  network :mod:`~skltransfer.quantization` makes (the resolved engine is
+  ``"onnxruntime"``).
 
 OpenVINO's CPU default on processors with native bfloat16 (AVX-512 BF16,
 AMX) is to compute in bfloat16, which changes the features (cosine ~0.9997):
@@ -97,7 +99,7 @@ def resolve_engine(engine: str, device: torch.device, precision: str = "float32"
     Returns
     -------
     str
-        ``"torch"`` or ``"openvino"``.
+        ``"torch"``, ``"openvino"`` or, for int8, ``"onnxruntime"``.
 
     Raises
     ------
@@ -105,7 +107,8 @@ def resolve_engine(engine: str, device: torch.device, precision: str = "float32"
         For an unknown engine, OpenVINO asked for on CUDA or at a precision
         it does not run, or bfloat16 asked for on a CPU without native bfloat16.
     ImportError
-        If ``engine="openvino"`` and OpenVINO is not installed.
+        If ``engine="openvino"`` and OpenVINO is not installed, or int8 is
+        asked for and ONNX Runtime is not.
 
     Examples
     --------
@@ -115,6 +118,8 @@ def resolve_engine(engine: str, device: torch.device, precision: str = "float32"
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     check_precision_runs_here(precision, device)
+    if precision == "int8":
+        return _int8_engine(engine, user_module)
     if engine == "auto":
         usable = (device.type == "cpu" and not user_module and precision in ENGINE_PRECISIONS["openvino"]
                   and openvino_available())
@@ -129,6 +134,21 @@ def resolve_engine(engine: str, device: torch.device, precision: str = "float32"
         if not openvino_available():
             raise ImportError("engine='openvino' needs the openvino package: pip install openvino")
     return engine
+
+
+def _int8_engine(engine: str, user_module: bool) -> str:
+    from .quantization import check_int8_available
+
+    if engine != "auto":
+        raise ValueError(
+            f"precision='int8' runs on ONNX Runtime, not engine={engine!r}: use engine='auto'"
+            + (" (OpenVINO computes other numbers from ONNX Runtime's int8 network; see skltransfer.quantization)"
+               if engine == "openvino" else ""))
+    if user_module:
+        raise ValueError("precision='int8' quantises a named backbone (timm or torchvision); "
+                         "an nn.Module backbone runs in float32 or 16-bit")
+    check_int8_available()
+    return "onnxruntime"
 
 
 class OpenVINOModel:

@@ -14,7 +14,9 @@ alone as one ONNX graph of three parts, joined with ``onnx.compose.merge_models`
    resize is torch's fixed-point arithmetic written in plain operators,
    so the pixels are the library's, bit for bit);
 2. the network, exported by ``torch.onnx.export`` (the inference copy
-   with BatchNorm folded, as the library runs it);
+   with BatchNorm folded, as the library runs it); for features computed
+   with ``precision="int8"``, the int8 network quantised with the fitted
+   calibration, as the library runs it (:mod:`~skltransfer.quantization`);
 3. the head: the pipeline's scikit-learn steps converted by ``skl2onnx``
    (preferring plain ONNX operators over ``ai.onnx.ml`` ones where skl2onnx
    has both, so that OpenVINO reads the file too), or the fine-tuned
@@ -103,6 +105,10 @@ def export(model: Any, path: str | os.PathLike, *, opset: int = OPSET) -> Path:
         raise ValueError(f"opset must be 18 or later, got {opset}")
     parts = _parts(model)
     network = _network_graph(parts["network"], parts["preprocessing"], parts["description"], opset)
+    if parts["calibration"] is not None:  # the int8 network the library runs (skltransfer.quantization)
+        from .quantization import quantize
+
+        network = quantize(network, parts["calibration"])
     graph = _merge(_preprocessing_graph(parts["preprocessing"], opset), network, "input", "net/")
     if parts["head"] is not None:
         head = parts["head"](parts["width"], opset)
@@ -137,7 +143,7 @@ def _parts(model: Any) -> dict[str, Any]:
         classes = model.classes_
         return dict(network=network, preprocessing=model.preprocessing_, width=len(classes),
                     description=f"the fine-tuned {model.backbone!r}",
-                    head=lambda width, opset: _softmax_head(classes, opset),
+                    head=lambda width, opset: _softmax_head(classes, opset), calibration=None,
                     outputs=["label", "probabilities"],
                     metadata=_metadata(model, "classifier", model.preprocessing_, classes,
                                        backbone=model.backbone, max_image_pixels=model.max_image_pixels))
@@ -170,12 +176,14 @@ def _features_parts(features, *, head, outputs, kind, classes, owner) -> dict[st
     check_is_fitted(features)
     backbone = features._backbone("cpu")  # the torch model, its weights checked against fit's
     width = backbone.num_features
+    calibration = getattr(features, "calibration_", None)
     metadata = _metadata(owner, kind, backbone.preprocessing, classes, backbone=backbone.name,
-                         max_image_pixels=features.max_image_pixels, width=width)
+                         max_image_pixels=features.max_image_pixels, width=width,
+                         precision="float32" if calibration is None else "int8")
     name = backbone.name if isinstance(features.backbone, str) else f"the module {backbone.name}"
     return dict(network=backbone.model, preprocessing=backbone.preprocessing, width=width,
                 description=f"backbone {name!r}" if isinstance(features.backbone, str) else name,
-                head=head, outputs=outputs, metadata=metadata)
+                head=head, outputs=outputs, metadata=metadata, calibration=calibration)
 
 
 def _metadata(model, kind: str, preprocessing, classes, **extra) -> dict[str, str]:

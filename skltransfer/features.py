@@ -26,9 +26,10 @@ from .decoding import DEFAULT_MAX_IMAGE_PIXELS, ImageLoadError, as_image_items
 from .engines import ENGINES, resolve_engine
 from .inference import extract_features
 from .pooling import POOLINGS
+from .quantization import calibrate_backbone, full_range_int8
 from .preprocessing import CROP_POLICIES, MIN_INPUT_SIZE, check_input_size
-from .registry import shared_backbone
-from .runtime import PRECISIONS, all_cores, resolve_batch_size, resolve_device, resolve_num_workers, resolve_precision
+from .registry import model_identity, shared_backbone
+from .runtime import FEATURE_PRECISIONS, all_cores, resolve_batch_size, resolve_device, resolve_num_workers, resolve_precision
 from .weights import WeightsMismatchError
 
 __all__ = ["PretrainedFeatures"]
@@ -99,13 +100,19 @@ class PretrainedFeatures(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
         ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"`` or
         ``"cuda:N"``. Resolved at transform time, so a model fitted on a GPU
         machine transforms on a CPU-only one.
-    precision : {"auto", "float32", "bfloat16", "float16"}, default="auto"
+    precision : {"auto", "float32", "bfloat16", "float16", "int8"}, default="auto"
         Precision of the forward pass. ``"auto"``: float32 on CPU; on CUDA
         bfloat16 autocast where the GPU supports it, else float16 (features
         within cosine 0.99 of float32, tensor cores at full speed).
         ``"bfloat16"`` on the CPU needs native bfloat16 (AVX-512 BF16 or
-        AMX) and is refused without it. Part of the cache key: rows computed
-        at one precision are not served for another.
+        AMX) and is refused without it. ``"int8"`` (CPU; needs ONNX
+        Runtime, the ``export`` extra): ``fit`` calibrates the network on
+        up to 300 of its images and quantises it
+        (:mod:`skltransfer.quantization`), and ``transform`` runs the int8
+        network with ONNX Runtime; measure its accuracy on your images
+        before you ship it (docs: "int8 batch scoring"). Part of the cache
+        key: rows computed at one precision (or calibration) are not
+        served for another.
     engine : {"auto", "torch", "openvino"}, default="auto"
         What runs the model. ``"openvino"``: the model converted by OpenVINO
         and compiled for this CPU (about 1.8x eager torch on 2 cores, float32
@@ -155,6 +162,10 @@ class PretrainedFeatures(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
         The feature maps behind the columns, in order, with their widths.
     cache_info_ : CacheInfo
         Hits, misses and seconds of the last ``transform`` (set by it).
+    calibration_ : Calibration or None
+        With ``precision="int8"``: the activation ranges the int8 network is
+        quantised with (a few kilobytes; a saved model carries them, so it
+        scores in int8 anywhere without its training images). None otherwise.
 
     See Also
     --------
@@ -180,7 +191,7 @@ class PretrainedFeatures(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
         "tta": [StrOptions({"flip"}), None],
         "batch_size": [Interval(Integral, 1, None, closed="left"), StrOptions({"auto"})],
         "device": [str, torch.device],
-        "precision": [StrOptions({"auto", *PRECISIONS})],
+        "precision": [StrOptions({"auto", *FEATURE_PRECISIONS})],
         "engine": [StrOptions(set(ENGINES))],
         "num_workers": [Interval(Integral, 0, None, closed="left"), StrOptions({"auto"})],
         "max_image_pixels": [Interval(Integral, 1, None, closed="left"), None],
@@ -227,7 +238,10 @@ class PretrainedFeatures(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
     def fit(self, X, y=None):
         """Resolve the backbone and record its weights' fingerprint.
 
-        No image is read: the transformer learns nothing from data.
+        No image is read (the transformer learns nothing from data), except
+        with ``precision="int8"``: then up to 300 of the images, drawn with
+        a fixed seed, calibrate the int8 network (unreadable ones are
+        skipped; ``transform`` names them).
 
         Parameters
         ----------
@@ -242,21 +256,33 @@ class PretrainedFeatures(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
         _check_not_empty(as_image_items(X))
         if self.input_size is not None:
             check_input_size(self.input_size)
-        device = resolve_device(self.device)  # fail early on an impossible device
-        self._engine(device, resolve_precision(self.precision, device))  # and engine
+        device = self._device()  # fail early on an impossible device
+        precision = resolve_precision(self.precision, device)
+        self._engine(device, precision)  # and engine
         backbone = self._shared("cpu")
         self.backbone_digest_ = backbone.weights_digest
         self.n_features_out_ = backbone.num_features
         self.preprocessing_ = backbone.preprocessing
         self.feature_groups_ = backbone.feature_groups
+        self.calibration_ = None
+        if precision == "int8":
+            self.calibration_ = calibrate_backbone(
+                backbone, model_identity(backbone, self.pooling, self.layers, self.tta), as_image_items(X),
+                max_image_pixels=self.max_image_pixels)
         return self
+
+    def _device(self) -> torch.device:
+        """The device asked for; int8 runs on the CPU, so ``"auto"`` is the CPU there."""
+        if self.precision == "int8" and self.device == "auto":
+            return torch.device("cpu")
+        return resolve_device(self.device)
 
     def _shared(self, device, engine: str = "torch", precision: str = "float32",
                 store: FeatureCache | None = None) -> Backbone:
         backbone = shared_backbone(
             self.backbone, self.weights, self.pooling, device, layers=self.layers, tta=self.tta,
             engine=engine, precision=precision, engine_dir=None if store is None else store.engine_directory,
-            input_size=self.input_size,
+            input_size=self.input_size, calibration=getattr(self, "calibration_", None),
         )
         return dataclasses.replace(backbone, preprocessing=backbone.preprocessing.with_crop(self.crop))
 
@@ -285,7 +311,7 @@ class PretrainedFeatures(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
         check_is_fitted(self)
         items = as_image_items(X)
         _check_not_empty(items)
-        device = resolve_device(self.device)
+        device = self._device()
         precision = resolve_precision(self.precision, device)
         engine = self._engine(device, precision)
         store = as_feature_cache(self.cache)
@@ -337,9 +363,13 @@ class PretrainedFeatures(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
 
         Not the engine in float32: OpenVINO's rows are torch's within 2e-7
         (relative), so they share entries. 16-bit rows depend on each
-        engine's rounding, so there the engine is part of the key.
+        engine's rounding, so there the engine is part of the key; int8
+        rows depend on the calibration and on the weights' width (8 or 7
+        bits, by CPU) too.
         """
         engine = {} if precision == "float32" or backbone.engine == "torch" else {"engine": backbone.engine}
+        if precision == "int8":
+            engine |= {"calibration": self.calibration_.digest, "int8_weights": 8 if full_range_int8() else 7}
         return engine | {
             "backbone": backbone.name,
             "weights": backbone.weights_digest,

@@ -159,8 +159,8 @@ def extract_features(
     from tqdm.auto import tqdm
 
     device = torch.device(device)
-    dtype = PRECISIONS[precision]
     compiled = not isinstance(model, nn.Module)
+    dtype = None if compiled else PRECISIONS[precision]  # an engine's model runs at its own precision
     if device.type == "cpu" and not compiled:  # torch's activations; an engine allocates its own
         tune_allocator()
     loader = image_batches(

@@ -32,6 +32,7 @@ TRUSTED_TYPES = frozenset({
     "skltransfer.features.PretrainedFeatures",
     "skltransfer.finetune.FineTuneClassifier",
     "skltransfer.preprocessing.Preprocessing",
+    "skltransfer.quantization.Calibration",
     "skltransfer.cache.CacheInfo",
     "skltransfer.cache.FeatureCache",
     "pathlib.PosixPath",

@@ -30,7 +30,7 @@ from .pooling import FlipAveraged
 from .preprocessing import check_input_size
 from .weights import WeightsSpec, weights_digest
 
-__all__ = ["clear_shared_backbones", "forget_inference_copies", "inference_copy", "shared_backbone"]
+__all__ = ["clear_shared_backbones", "forget_inference_copies", "inference_copy", "model_identity", "shared_backbone"]
 
 
 _SHARED: OrderedDict[tuple, Backbone] = OrderedDict()
@@ -50,6 +50,7 @@ def shared_backbone(
     precision: str = "float32",
     engine_dir: str | os.PathLike | None = None,
     input_size: int | tuple[int, int] | None = None,
+    calibration=None,
 ) -> Backbone:
     """Return the process-wide :class:`~skltransfer.backbones.Backbone` for a configuration, building it once.
 
@@ -70,6 +71,10 @@ def shared_backbone(
     runs with torch, after one :class:`~skltransfer.engines.EngineFallbackWarning`.
     ``Backbone.engine`` says which engine runs it.
 
+    With ``engine="onnxruntime"`` (int8, CPU only) the model is the int8
+    network quantised with ``calibration``
+    (:func:`skltransfer.quantization.compile_int8`), kept in ``engine_dir``.
+
     Examples
     --------
     >>> a = shared_backbone("test_efficientnet", weights=None)
@@ -85,6 +90,8 @@ def shared_backbone(
     cpu_key = spec + (pooling, layers_key, tta, size_key, "cpu")
     if engine == "openvino":
         key = cpu_key + ("openvino", precision)  # wherever its conversion is kept, the same model
+    elif engine == "onnxruntime":
+        key = cpu_key + ("int8", calibration.digest)
     else:
         key = cpu_key[:-1] + (str(device),)
     table = _SHARED
@@ -102,10 +109,14 @@ def shared_backbone(
                 fold_batchnorm(base.model)
             _remember(table, cpu_key, base)
         if engine == "openvino":
-            identity = None if isinstance(backbone, nn.Module) else _model_identity(base, pooling, layers, tta)
+            identity = None if isinstance(backbone, nn.Module) else model_identity(base, pooling, layers, tta)
             compiled = _compiled(base, precision, identity, engine_dir)
             _remember(table, key, compiled)
             return compiled
+        if engine == "onnxruntime":
+            int8 = _int8(base, calibration, model_identity(base, pooling, layers, tta), engine_dir)
+            _remember(table, key, int8)
+            return int8
         if str(device) == "cpu":
             return base
         moved = dataclasses.replace(base, model=copy.deepcopy(base.model).to(device))
@@ -113,7 +124,7 @@ def shared_backbone(
         return moved
 
 
-def _model_identity(base: Backbone, pooling: str, layers, tta) -> dict[str, Any]:
+def model_identity(base: Backbone, pooling: str, layers, tta) -> dict[str, Any]:
     """What determines a registry model's computation (names a saved conversion)."""
     p = base.preprocessing
     return {
@@ -134,6 +145,14 @@ def _compiled(base: Backbone, precision: str, identity, engine_dir) -> Backbone:
     model = compile_openvino_or_warn(base.model, base.preprocessing, f"backbone {base.name!r}",
                                      precision=precision, identity=identity, directory=engine_dir)
     return base if model is None else dataclasses.replace(base, model=model, engine="openvino")
+
+
+def _int8(base: Backbone, calibration, identity, engine_dir) -> Backbone:
+    from .quantization import compile_int8
+
+    model = compile_int8(base.model, base.preprocessing, calibration, description=f"backbone {base.name!r}",
+                         identity=identity, directory=engine_dir)
+    return dataclasses.replace(base, model=model, engine="onnxruntime")
 
 
 def clear_shared_backbones() -> None:

@@ -38,6 +38,7 @@ from contextlib import contextmanager
 import torch
 
 __all__ = [
+    "FEATURE_PRECISIONS",
     "PRECISIONS",
     "all_cores",
     "available_cores",
@@ -195,6 +196,8 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 #: Precisions a forward pass can run in: float32, or autocast to a 16-bit type.
 PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: Precisions features can be computed in: those, and int8 (a calibrated network, on the CPU).
+FEATURE_PRECISIONS = (*PRECISIONS, "int8")
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -215,8 +218,8 @@ def resolve_precision(precision: str, device: torch.device) -> str:
         if device.type != "cuda":
             return "float32"
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be 'auto' or one of {sorted(PRECISIONS)}, got {precision!r}")
+    if precision not in FEATURE_PRECISIONS:
+        raise ValueError(f"precision must be 'auto' or one of {sorted(FEATURE_PRECISIONS)}, got {precision!r}")
     return precision
 
 
@@ -273,6 +276,11 @@ def check_precision_runs_here(precision: str, device: torch.device, *, training:
     --------
     >>> check_precision_runs_here("float32", torch.device("cpu"))
     """
+    if precision == "int8" and (training or device.type != "cpu"):
+        raise ValueError(
+            "precision='int8' computes features on the CPU with a calibrated int8 network; "
+            + ("it does not train" if training else f"the device is {device}: use device='cpu', or 'auto' on a GPU")
+        )
     if device.type != "cpu":
         return
     if training and precision == "float16":
