@@ -189,7 +189,7 @@ def test_several_bad_images_are_listed_in_one_error(image_folder, tmp_path):
 @pytest.mark.parametrize(
     "params, message",
     [({"pooling": "median"}, "pooling"), ({"batch_size": 0}, "batch_size"),
-     ({"device": "tpu"}, "device"), ({"backbone": 3}, "backbone"), ({"precision": "int8"}, "precision"),
+     ({"device": "tpu"}, "device"), ({"backbone": 3}, "backbone"), ({"precision": "int4"}, "precision"),
      ({"input_size": 16}, "input_size"), ({"input_size": (64, 8)}, "input_size"),
      ({"input_size": (64, 64, 3)}, "input_size")],
 )
