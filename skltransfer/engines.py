@@ -37,6 +37,7 @@ import threading
 import warnings
 from contextlib import nullcontext
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -55,6 +56,7 @@ __all__ = [
     "compile_openvino_or_warn",
     "openvino_available",
     "resolve_engine",
+    "save_atomically",
 ]
 
 ENGINES = ("auto", "torch", "openvino")
@@ -262,7 +264,7 @@ def compile_openvino(
         if converted is None:
             converted = _convert(model, preprocessing)
         if saved is not None and not saved.is_file():
-            _save_atomically(converted, saved)
+            save_atomically(saved, functools.partial(_save_ir, converted))
     if digest is not None:
         with _CONVERTED_LOCK:
             _CONVERTED[digest] = converted
@@ -315,6 +317,13 @@ def _convert(model: nn.Module, preprocessing: Preprocessing):
     return steps.build()
 
 
+def _save_ir(converted: Any, path: Path) -> None:
+    """``model.xml`` + ``model.bin``, weights kept in float32."""
+    import openvino as ov
+
+    ov.save_model(converted, path, compress_to_fp16=False)
+
+
 def _conversion_digest(identity: dict[str, Any]) -> str:
     import openvino as ov
     import timm
@@ -324,19 +333,18 @@ def _conversion_digest(identity: dict[str, Any]) -> str:
     return "openvino-" + hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-def _save_atomically(converted: Any, target: Path) -> None:
-    """Write ``model.xml`` + ``model.bin`` into a new folder, then rename it into place.
+def save_atomically(target: Path, write: Callable[[Path], None]) -> None:
+    """Have ``write`` make ``target`` in a new folder, then rename that folder into place.
 
-    A reader sees a whole conversion or none; when two processes convert at
-    once, the first rename wins and the other's copy is dropped. A
-    read-only or full disk only costs the next process a conversion.
+    A reader sees a whole engine file (with its companions) or none; when two
+    processes write at once, the first rename wins and the other's copy is
+    dropped. A read-only or full disk only costs the next process a
+    conversion.
     """
-    import openvino as ov
-
     try:
         target.parent.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".partial-", dir=target.parent.parent))
-        ov.save_model(converted, staging / target.name, compress_to_fp16=False)
+        write(staging / target.name)
         try:
             os.rename(staging, target.parent)
         except OSError:  # another process got there first

@@ -44,7 +44,6 @@ import itertools
 import json
 import logging
 import os
-import shutil
 import tempfile
 import threading
 from collections.abc import Iterable, Sequence
@@ -56,6 +55,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .engines import save_atomically
 from .preprocessing import Preprocessing
 
 __all__ = [
@@ -392,7 +392,7 @@ def compile_int8(
             source = float_network(model, preprocessing, description, identity)
             network = quantize(source, calibration, full_range=full_range).SerializeToString()
             if saved is not None:
-                _save_atomically(network, saved)
+                save_atomically(saved, functools.partial(Path.write_bytes, data=network))
     if digest is not None:
         with _NETWORKS_LOCK:
             _NETWORKS[digest] = network
@@ -442,20 +442,6 @@ def _file_lock(saved: Path):
 
     with file_lock(saved.parent.with_suffix(".lock")):
         yield
-
-
-def _save_atomically(network: bytes, target: Path) -> None:
-    """Write the network into a new folder, then rename it into place (a reader sees all or nothing)."""
-    try:
-        target.parent.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".partial-", dir=target.parent.parent))
-        (staging / target.name).write_bytes(network)
-        try:
-            os.rename(staging, target.parent)
-        except OSError:  # another process got there first
-            shutil.rmtree(staging, ignore_errors=True)
-    except OSError:  # a read-only or full disk costs the next process a quantisation, nothing more
-        pass
 
 
 def calibration_batches(items: Sequence[Any], preprocessing: Preprocessing, *, batch_size: int = _CALIBRATION_BATCH,
