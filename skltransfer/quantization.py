@@ -132,6 +132,16 @@ def check_int8_available() -> None:
         raise ImportError(
             f"precision='int8' quantises the network with ONNX Runtime, which is not installed here "
             f"({exc}). Install the export extra from your clone: pip install -e \".[export]\"") from None
+    import inspect
+
+    from onnxruntime.quantization import quantize_static
+
+    if "calibration_cache_path" not in inspect.signature(quantize_static).parameters:
+        import onnxruntime
+
+        raise ImportError(
+            f"precision='int8' rebuilds the int8 network from stored ranges, which ONNX Runtime "
+            f"{onnxruntime.__version__} cannot do: pip install --upgrade onnxruntime")
 
 
 @functools.lru_cache(maxsize=1)
